@@ -1,0 +1,180 @@
+//! `ham-bench`: measures ham side by side with its peers (s6, runit, supervisord) and a
+//! bare fork+exec+wait floor, in one run, and reports medians, p99s and ratios.
+//!
+//! `cargo run --release -p ham-bench -- all` installs missing peers from Debian, runs
+//! every scenario and rewrites the generated part of BENCHMARKS.md;
+//! `-- all --quick` is the few-second run CI does so the harness never rots (missing
+//! peers are skipped, BENCHMARKS.md is left alone).
+//!
+//! Layout: `sut` (the supervisors under test, one trait), `scenarios` (one module per
+//! scenario), `stats` (median, p99, ratio), `report` (table, machine, BENCHMARKS.md),
+//! `hamd` (a private hamd), `sys` (clock, signals, /proc, FIFOs).
+
+mod hamd;
+mod report;
+mod scenarios;
+mod stats;
+mod sut;
+mod sys;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use hamd::Bins;
+use report::Row;
+use scenarios::Ctx;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The exact command of a full run.
+const FULL_COMMAND: &str = "cargo run --release -p ham-bench -- all";
+
+/// Benchmarks for ham, beside s6, runit, supervisord and a bare fork+exec floor.
+#[derive(Parser, Debug)]
+#[command(name = "ham-bench", about)]
+struct Args {
+    /// What to run (`all` for everything).
+    #[arg(value_enum, required = true)]
+    what: Vec<Scenario>,
+    /// A few seconds in all: fewer samples, missing peers skipped, BENCHMARKS.md untouched.
+    #[arg(long)]
+    quick: bool,
+    /// Where hamd, ham and ham-bench-child are (default: beside this executable).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Where a full run of `all` writes its report.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"))]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Every scenario below.
+    All,
+    /// Restart latency: ham, the floor and each peer, interleaved.
+    Restart,
+    /// Memory, idle CPU and start time with 1, 100, 1,000 (and for ham 10,000) children.
+    Footprint,
+    /// Missed-heartbeat detection lateness.
+    Lateness,
+    /// Heartbeat cost: shared-memory fast path and API path.
+    Heartbeat,
+    /// HAM → Guardian takeover.
+    Takeover,
+}
+
+const EVERY: [Scenario; 5] = [
+    Scenario::Restart,
+    Scenario::Footprint,
+    Scenario::Lateness,
+    Scenario::Heartbeat,
+    Scenario::Takeover,
+];
+
+/// Under `cargo run`, builds `hamd` and `ham` in the same profile first, so the one
+/// documented command never measures stale or missing binaries.
+fn build_siblings(dir: &std::path::Path) -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "ham-node", "-p", "ham"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    if dir.ends_with("release") {
+        cmd.arg("--release");
+    }
+    eprintln!("building hamd and ham: {cmd:?}");
+    let ok = cmd.status().context("cannot run cargo")?.success();
+    anyhow::ensure!(ok, "building hamd and ham failed");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = match args.bin_dir.clone() {
+        Some(d) => d,
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .parent()
+            .context("no executable directory")?
+            .to_path_buf(),
+    };
+    if args.bin_dir.is_none() {
+        build_siblings(&dir)?;
+    }
+    let bins = Bins { dir };
+    for b in ["hamd", "ham", "ham-bench-child"] {
+        anyhow::ensure!(
+            bins.get(b).is_file(),
+            "{} is missing: cargo build --release -p ham-node -p ham -p ham-bench (or --bin-dir)",
+            bins.get(b).display()
+        );
+    }
+    let all = args.what.contains(&Scenario::All);
+    let what: Vec<Scenario> = if all {
+        EVERY.to_vec()
+    } else {
+        args.what.clone()
+    };
+    let needs_peers = what
+        .iter()
+        .any(|s| matches!(s, Scenario::Restart | Scenario::Footprint));
+    let peers = if needs_peers {
+        sut::available_peers(!args.quick)
+    } else {
+        Vec::new()
+    };
+    let ctx = Ctx {
+        bins,
+        quick: args.quick,
+        peers,
+    };
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    for s in what {
+        eprintln!("== {s:?}");
+        let t = Instant::now();
+        let r = match s {
+            Scenario::Restart => scenarios::restart::run(&ctx),
+            Scenario::Footprint => scenarios::footprint::run(&ctx),
+            Scenario::Lateness => scenarios::lateness::run(&ctx),
+            Scenario::Heartbeat => scenarios::heartbeat::run(&ctx),
+            Scenario::Takeover => scenarios::takeover::run(&ctx),
+            Scenario::All => unreachable!("expanded above"),
+        }
+        .with_context(|| format!("scenario {s:?}"))?;
+        eprintln!("   done in {:.1} s", t.elapsed().as_secs_f64());
+        rows.extend(r);
+    }
+    let table = report::table(&rows);
+    let skipped: Vec<&str> = sut::Kind::PEERS
+        .iter()
+        .filter(|k| needs_peers && !ctx.peers.contains(k))
+        .map(|k| k.name())
+        .collect();
+    let pacing: String = [sut::Kind::Ham, sut::Kind::Floor]
+        .iter()
+        .chain(&ctx.peers)
+        .map(|k| format!("- {}\n", k.pacing()))
+        .collect();
+    let body = format!(
+        "Command: `{FULL_COMMAND}` (this run: `{}`, {:.0} s).\n\n\
+         Machine:\n{}\n\
+         {table}\n\
+         {}\
+         Restart pacing and configuration of each supervisor:\n{pacing}",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        started.elapsed().as_secs_f64(),
+        report::machine(),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("SKIPPED (not installed): {}\n\n", skipped.join(", "))
+        },
+    );
+    println!("{body}");
+    if all && !args.quick {
+        report::write_markdown(&args.out, &body)?;
+        eprintln!("wrote {}", args.out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! `hamd`: the ham daemon. Runs in the foreground (systemd-friendly), keeps its state
+//! in shared memory, and serves the control API on a Unix socket.
+
+mod convert;
+mod node;
+mod pair;
+mod process;
+mod service;
+mod time;
+mod watch;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use node::{Msg, Node, NodePaths};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tracing_subscriber::{EnvFilter, prelude::*, reload};
+
+/// The ham daemon: a HAM monitoring entities and running their recovery.
+#[derive(Parser, Debug)]
+#[command(name = "hamd", version, about)]
+struct Args {
+    /// The control socket.
+    #[arg(long, env = "HAM_SOCKET")]
+    socket: Option<PathBuf>,
+    /// A TOML config with [node] settings and [[entity]] declarations.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// The shared-memory state file (default: /dev/shm/ham-NAME.state).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// How many entities the state store holds (used when the store is created).
+    #[arg(long)]
+    capacity: Option<u32>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (overridden by RUST_LOG), e.g. info, debug, ham=trace.
+    #[arg(long, default_value = "info")]
+    log: String,
+    /// Delete the state store first and start fresh from the config.
+    #[arg(long)]
+    discard_state: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(args: &Args) -> FilterHandle {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&args.log));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    match args.log_format {
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+    }
+    handle
+}
+
+fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Binds the control socket with mode 0660, replacing a stale socket file but never
+/// one another live `hamd` answers on.
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another hamd is listening on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Tells systemd we are ready, if it asked (`Type=notify`).
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&path),
+    };
+    if let Ok(addr) = addr {
+        let _ = sock.send_to_addr(b"READY=1", &addr);
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: hamd holds a pidfd per
+/// watched process, so thousands of entities need thousands of descriptors.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+        }
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = init_logging(&args);
+    raise_fd_limit();
+    let result = match std::env::var_os(guardian::pair::GUARDIAN_ENV) {
+        Some(pair) => run_guardian(args, filter, PathBuf::from(pair)),
+        None => block_on(run(args, filter, None)),
+    };
+    if let Err(e) = result {
+        eprintln!("hamd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+/// What a Guardian brings to its takeover.
+struct Takeover {
+    /// The control socket's listener, received from the HAM.
+    listener: std::os::fd::OwnedFd,
+    /// The HAM that died.
+    ham_pid: i32,
+    /// When its death was noticed.
+    noticed: std::time::Instant,
+    /// The pidfds the HAM handed over, by entity slot.
+    handed: std::collections::HashMap<u32, guardian::pair::HandedProcess>,
+    /// The epoll set holding all of them.
+    watch_set: Option<std::os::fd::OwnedFd>,
+    /// The store, locked and read.
+    store: Option<(guardian::shm::Store, guardian::shm::Recovered)>,
+}
+
+/// The Guardian: waits (no runtime, no threads) until its HAM asks it to stop or dies;
+/// then becomes the HAM.
+fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Result<()> {
+    let mut end = guardian::pair::GuardianEnd::connect(&pair)
+        .with_context(|| format!("the Guardian cannot reach its HAM at {}", pair.display()))?;
+    tracing::debug!(ham = end.hello.ham_pid, "Guardian ready");
+    // The store's lock is the surest and earliest sign of the HAM's death: a thread
+    // waits for it from the start, and the kernel grants it the moment the dying HAM's
+    // store descriptor closes (its first, before thousands of pidfds).
+    let state = settings(&args, None)?.paths.state;
+    let granted = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+    let signal = granted.try_clone()?;
+    let locker = std::thread::spawn(move || {
+        let store = guardian::shm::Store::open_blocking(&state);
+        let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
+        store
+    });
+    match end.wait(Some(std::os::fd::AsFd::as_fd(&granted))) {
+        guardian::pair::Wake::Stop => {
+            tracing::debug!("Guardian stopping at the HAM's request");
+            // The locker thread still waits for the lock: exiting ends it.
+            std::process::exit(0);
+        }
+        guardian::pair::Wake::HamDied => {
+            let noticed = std::time::Instant::now();
+            let ham_pid = end.hello.ham_pid;
+            tracing::warn!("the HAM (pid {ham_pid}) died: the Guardian takes over");
+            let store = locker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the store lock thread panicked"))??;
+            let (listener, handed, watch_set) = end.into_takeover();
+            let takeover = Takeover {
+                watch_set: Some(watch_set),
+                listener,
+                ham_pid,
+                noticed,
+                handed,
+                store: Some(store),
+            };
+            block_on(run(args, filter, Some(takeover)))
+        }
+    }
+}
+
+/// The settings a node runs with, resolved from flags, config and defaults.
+struct Settings {
+    name: String,
+    socket: PathBuf,
+    paths: NodePaths,
+    capacity: u32,
+}
+
+fn settings(args: &Args, cfg: Option<&ham_core::config::Config>) -> anyhow::Result<Settings> {
+    let node = cfg.map(|c| c.node.clone()).unwrap_or_default();
+    let name = args.name.clone().or(node.name).unwrap_or_else(host_name);
+    ham_core::engine::check_name("node", &name)?;
+    let socket = args
+        .socket
+        .clone()
+        .or(node.socket.map(PathBuf::from))
+        .unwrap_or_else(ham_proto::defaults::socket_path);
+    let state = args
+        .state
+        .clone()
+        .or(node.state.map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(format!("/dev/shm/ham-{name}.state")));
+    let beats = PathBuf::from(format!(
+        "{}.beats",
+        state.display().to_string().trim_end_matches(".state")
+    ));
+    Ok(Settings {
+        name,
+        capacity: args.capacity.or(node.capacity).unwrap_or(16_384),
+        paths: NodePaths {
+            state,
+            beats,
+            socket: socket.clone(),
+        },
+        socket,
+    })
+}
+
+/// How to start this node's Guardian: the same executable and resolved settings.
+fn guardian_command(args: &Args, s: &Settings) -> anyhow::Result<pair::GuardianCommand> {
+    let mut a = vec![
+        "--socket".to_string(),
+        s.socket.display().to_string(),
+        "--state".into(),
+        s.paths.state.display().to_string(),
+        "--name".into(),
+        s.name.clone(),
+        "--capacity".into(),
+        s.capacity.to_string(),
+        "--log".into(),
+        args.log.clone(),
+        "--log-format".into(),
+        match args.log_format {
+            LogFormat::Text => "text".into(),
+            LogFormat::Json => "json".into(),
+        },
+    ];
+    if let Some(c) = &args.config {
+        a.push("--config".into());
+        a.push(c.display().to_string());
+    }
+    Ok(pair::GuardianCommand {
+        exe: std::env::current_exe().context("cannot find the hamd executable")?,
+        args: a,
+    })
+}
+
+async fn run(
+    args: Args,
+    filter: FilterHandle,
+    mut takeover: Option<Takeover>,
+) -> anyhow::Result<()> {
+    // Read the config first: a bad config must change nothing, not even the store.
+    // A takeover has its settings as flags and continues the state as it is.
+    let cfg = match (&args.config, &takeover) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Some(ham_core::config::parse(&path.display().to_string(), &text)?)
+        }
+        _ => None,
+    };
+    let s = settings(&args, cfg.as_ref())?;
+    let name = s.name.clone();
+
+    let listener = match &takeover {
+        Some(t) => {
+            let std_listener = std::os::unix::net::UnixListener::from(t.listener.try_clone()?);
+            std_listener.set_nonblocking(true)?;
+            UnixListener::from_std(std_listener)?
+        }
+        None => {
+            if args.discard_state {
+                for p in [&s.paths.state, &s.paths.beats] {
+                    match std::fs::remove_file(p) {
+                        Ok(()) => tracing::warn!("discarded {}", p.display()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e).context(format!("cannot remove {}", p.display())),
+                    }
+                }
+            }
+            bind_socket(&s.socket)?
+        }
+    };
+    let control_dup = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned()?;
+
+    let handed = takeover
+        .as_mut()
+        .map(|t| (std::mem::take(&mut t.handed), t.watch_set.take()))
+        .unwrap_or_default();
+    let store = takeover.as_mut().and_then(|t| t.store.take());
+    let opened = Node::open(name.clone(), s.paths.clone(), s.capacity, store, handed)?;
+    let mut node = opened.node;
+    if let Some(t) = &takeover {
+        let note = format!(
+            "took over from HAM pid {} with {} entities",
+            t.ham_pid, opened.adopted
+        );
+        node.resume(ham_core::Resume::Takeover, &note);
+        node.takeover_done(t.noticed);
+        tracing::warn!(node = %name, "{note} in {} µs", t.noticed.elapsed().as_micros());
+    } else if opened.created {
+        tracing::info!(node = %name, state = %s.paths.state.display(), "created a new state store");
+    } else {
+        let note = format!(
+            "adopted {} entities from {}",
+            opened.adopted,
+            s.paths.state.display()
+        );
+        node.resume(ham_core::Resume::Adopted, &note);
+        tracing::info!(node = %name, "{note}");
+    }
+    // A takeover continues the state as it was; only a start applies the config.
+    if let (Some(path), None) = (&args.config, &takeover) {
+        let req = service::load_config_request(path).map_err(anyhow::Error::msg)?;
+        node.request(req)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    // The Guardian is started by the node loop, so a takeover answers requests first.
+    node.start_pair(&s.socket, control_dup, guardian_command(&args, &s)?)?;
+
+    let (tx, rx) = mpsc::channel::<Msg>(1024);
+    let verbose: service::VerboseHook = Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("bad log level {level:?}: {e}"))?;
+        filter.reload(f).map_err(|e| e.to_string())
+    });
+    let svc = service::HamService::new(
+        name.clone(),
+        tx.clone(),
+        args.config.clone(),
+        s.paths.beats.clone(),
+        verbose,
+    );
+    let node_task = tokio::spawn(node.run(rx));
+
+    // SIGTERM and SIGINT stop hamd the way `ham stop` does: entities keep running.
+    let signal_tx = tx.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let (reply, _rx) = oneshot::channel();
+        let _ = signal_tx
+            .send(Msg::Shutdown {
+                kill_entities: false,
+                reply,
+            })
+            .await;
+    });
+
+    tracing::info!(node = %name, socket = %s.socket.display(), "hamd is serving");
+    notify_ready();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(ham_proto::ham_server::HamServer::new(svc))
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = node_task.await;
+            let _ = stopped_tx.send(());
+        });
+    // Once the node has stopped, clients get a moment to finish, not forever: an idle
+    // client connection must not keep hamd alive.
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async {
+            let _ = stopped_rx.await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        } => tracing::debug!("closing the connections still open"),
+    }
+    let _ = std::fs::remove_file(&s.socket);
+    tracing::info!("hamd stopped");
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! The HAM's side of the HAM/Guardian pair: it spawns its Guardian (the same binary
+//! in the other role), hands it the control socket's listener and every watched pidfd,
+//! watches it through a pidfd, spawns a new one at once when it dies, and stops it
+//! first on shutdown. Waiting for a new Guardian to connect happens off the node loop,
+//! so a HAM that has just taken over answers requests meanwhile.
+
+use crate::process::{self, ProcessHandle};
+use guardian::pair::{GUARDIAN_ENV, HamEnd, Hello, PairListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// How long a new Guardian may take to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to start a Guardian: this executable with the node's resolved settings.
+#[derive(Clone, Debug)]
+pub struct GuardianCommand {
+    /// The `hamd` executable.
+    pub exe: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+/// What the pair reports to the node loop.
+pub enum PairEvent {
+    /// A Guardian process exited (`pid`), or a respawn is due (`0`).
+    Exited(i32),
+    /// A launched Guardian connected (or failed to).
+    Connected(i32, std::io::Result<HamEnd>),
+}
+
+struct Guardian {
+    handle: Arc<ProcessHandle>,
+    end: Option<HamEnd>,
+    watch: AbortHandle,
+}
+
+/// The pair as the HAM sees it.
+pub struct Pair {
+    listener: Arc<PairListener>,
+    control: Arc<OwnedFd>,
+    command: GuardianCommand,
+    current: Option<Guardian>,
+    events: mpsc::UnboundedSender<PairEvent>,
+}
+
+impl Pair {
+    /// Binds the pair socket beside the control socket. `control` is a duplicate of
+    /// the control socket's listener; `events` receives the Guardians' news.
+    pub fn new(
+        control_socket: &Path,
+        control: OwnedFd,
+        command: GuardianCommand,
+        events: mpsc::UnboundedSender<PairEvent>,
+    ) -> std::io::Result<Pair> {
+        let listener = PairListener::bind(&guardian::pair::pair_socket_path(control_socket))?;
+        Ok(Pair {
+            listener: Arc::new(listener),
+            control: Arc::new(control),
+            command,
+            current: None,
+            events,
+        })
+    }
+
+    /// The PID of the Guardian, once it is connected.
+    pub fn guardian_pid(&self) -> Option<i32> {
+        self.current
+            .as_ref()
+            .filter(|g| g.end.is_some())
+            .map(|g| g.handle.proc.pid)
+    }
+
+    /// True if a Guardian runs or is connecting.
+    pub fn has_guardian(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Starts a Guardian process; its connection is awaited off the loop and reported
+    /// as [`PairEvent::Connected`], its death as [`PairEvent::Exited`].
+    pub fn launch(&mut self, generation: u64) -> std::io::Result<i32> {
+        let child = std::process::Command::new(&self.command.exe)
+            .args(&self.command.args)
+            .env(GUARDIAN_ENV, self.listener.path())
+            .stdin(Stdio::null())
+            // Its own process group: a terminal's Ctrl-C is for the HAM, which then
+            // stops its Guardian itself.
+            .process_group(0)
+            .spawn()?;
+        let pid = child.id() as i32;
+        drop(child);
+        let handle = Arc::new(ProcessHandle::open(process::identify(pid)?)?);
+        let events = self.events.clone();
+        let waiter = handle.clone();
+        let watch = tokio::spawn(async move {
+            waiter.wait().await;
+            let _ = events.send(PairEvent::Exited(pid));
+        })
+        .abort_handle();
+        self.current = Some(Guardian {
+            handle,
+            end: None,
+            watch,
+        });
+        let (listener, control, events) = (
+            self.listener.clone(),
+            self.control.clone(),
+            self.events.clone(),
+        );
+        let hello = Hello {
+            ham_pid: std::process::id() as i32,
+            generation,
+        };
+        tokio::task::spawn_blocking(move || {
+            let r = listener.accept_guardian(CONNECT_TIMEOUT, hello, control.as_fd());
+            let _ = events.send(PairEvent::Connected(pid, r));
+        });
+        Ok(pid)
+    }
+
+    /// A launched Guardian connected: true if it is the current one and now holds the
+    /// channel (the caller then hands it every watched pidfd).
+    pub fn connected(&mut self, pid: i32, result: std::io::Result<HamEnd>) -> bool {
+        let Some(g) = self.current.as_mut().filter(|g| g.handle.proc.pid == pid) else {
+            return false;
+        };
+        match result {
+            Ok(end) => {
+                g.end = Some(end);
+                true
+            }
+            Err(e) => {
+                // Its death brings a new one.
+                tracing::warn!("Guardian pid {pid} did not connect: {e}");
+                let _ = g.handle.signal(9);
+                false
+            }
+        }
+    }
+
+    /// Hands watched processes' pidfds to the Guardian. A Guardian that cannot take
+    /// them is broken: it is killed, and its death brings a new one.
+    pub fn hand_over(&self, procs: &[(u32, i32, u64, BorrowedFd<'_>)]) {
+        if let Some(g) = &self.current
+            && let Some(end) = &g.end
+            && let Err(e) = end.send_watched(procs)
+        {
+            tracing::warn!("the Guardian does not take pidfds ({e}): replacing it");
+            let _ = g.handle.signal(9);
+        }
+    }
+
+    /// Tells the Guardian an entity's process is no longer watched.
+    pub fn hand_back(&self, entity: u32) {
+        if let Some(g) = &self.current
+            && let Some(end) = &g.end
+            && let Err(e) = end.send_unwatched(entity)
+        {
+            tracing::warn!("the Guardian does not listen ({e}): replacing it");
+            let _ = g.handle.signal(9);
+        }
+    }
+
+    /// A Guardian died: forget it if it is the current one (true then).
+    pub fn forget(&mut self, pid: i32) -> bool {
+        if self.current.as_ref().is_some_and(|g| g.handle.proc.pid == pid) {
+            self.current = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Stops the Guardian: asks it, waits for its exit, SIGKILLs it after a timeout.
+    pub async fn stop_guardian(&mut self) {
+        let Some(mut g) = self.current.take() else {
+            return;
+        };
+        g.watch.abort();
+        let asked = g.end.as_mut().is_some_and(|e| e.request_stop().is_ok());
+        if !asked {
+            let _ = g.handle.signal(9);
+        }
+        if tokio::time::timeout(Duration::from_secs(5), g.handle.clone().wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the Guardian did not stop in time: SIGKILL");
+            let _ = g.handle.signal(9);
+            g.handle.wait().await;
+        }
+    }
+}

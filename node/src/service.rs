@@ -1,0 +1,473 @@
+//! The gRPC control service. Handlers only validate, convert and forward to the node
+//! loop, which owns all state; the reply comes once the change is in the store.
+
+use crate::convert;
+use crate::node::{Msg, Subscription};
+use crate::process;
+use ham_core::engine::state::Origin;
+use ham_core::spec::{EntityKind, EntitySpec};
+use ham_core::{EventFilter, Reply, Request};
+use ham_proto as pb;
+use ham_proto::ham_server::Ham;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request as Req, Response, Status};
+
+/// Changes the log filter at run time (`ham verbose`).
+pub type VerboseHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The service: a handle on the node loop plus what it needs to answer alone.
+#[derive(Clone)]
+pub struct HamService {
+    node: String,
+    tx: mpsc::Sender<Msg>,
+    config: Option<PathBuf>,
+    beat_file: PathBuf,
+    verbose: VerboseHook,
+}
+
+impl HamService {
+    /// A service talking to the node loop through `tx`.
+    pub fn new(
+        node: String,
+        tx: mpsc::Sender<Msg>,
+        config: Option<PathBuf>,
+        beat_file: PathBuf,
+        verbose: VerboseHook,
+    ) -> HamService {
+        HamService {
+            node,
+            tx,
+            config,
+            beat_file,
+            verbose,
+        }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Status::unavailable("hamd is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("hamd is shutting down"))
+    }
+
+    async fn engine(&self, req: Request) -> Result<Reply, Status> {
+        self.ask(|reply| Msg::Request {
+            req: Box::new(req),
+            reply,
+        })
+        .await?
+        .map_err(convert::status_of)
+    }
+
+    async fn done(&self, req: Request) -> Result<Response<pb::Ack>, Status> {
+        self.engine(req).await?;
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// Checks what the engine cannot: that a program exists, that a PID is alive; and
+/// identifies the process of an attached entity.
+pub fn preflight(spec: &EntitySpec) -> Result<Option<ham_core::ProcessRef>, Status> {
+    match &spec.kind {
+        EntityKind::Started(c) => {
+            if let Some(p) = c.argv.first().filter(|p| !p.is_empty()) {
+                let _ = p;
+                process::check_runnable(c)
+                    .map_err(|m| Status::invalid_argument(format!("entity {}: {m}", spec.name)))?;
+            }
+            Ok(None)
+        }
+        EntityKind::Attached { pid, .. } | EntityKind::SelfAttached { pid } => {
+            process::identify(*pid).map(Some).map_err(|_| {
+                Status::not_found(format!("entity {}: no process with pid {pid}", spec.name))
+            })
+        }
+        EntityKind::Global => Ok(None),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ham for HamService {
+    async fn status(&self, _: Req<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let snap = self.ask(|reply| Msg::Status { reply }).await?;
+        Ok(Response::new(pb::StatusReply {
+            node: self.node.clone(),
+            entities: snap.entities.into_iter().map(convert::status_out).collect(),
+            next_event_seq: convert::seq(snap.next_event_seq),
+            capacity: snap.capacity,
+            hamd_pid: std::process::id() as i32,
+            pair: Some(pb::Pair {
+                ham_pid: std::process::id() as i32,
+                guardian_pid: snap.guardian_pid.unwrap_or(0),
+                generation: snap.generation,
+                last_takeover_ms: snap.last_takeover_ms,
+                takeover_done_mono_ns: snap.takeover.map_or(0, |t| t.0),
+                takeover_us: snap.takeover.map_or(0, |t| t.1),
+            }),
+            timer_lateness: Some(pb::TimerLateness {
+                samples: snap.lateness.samples,
+                p50_us: snap.lateness.p50_us,
+                p99_us: snap.lateness.p99_us,
+                max_us: snap.lateness.max_us,
+            }),
+        }))
+    }
+
+    async fn describe(&self, r: Req<pb::EntityRef>) -> Result<Response<pb::EntityDetail>, Status> {
+        let name = r.into_inner().name;
+        let found = self
+            .ask(|reply| Msg::Describe {
+                name: name.clone(),
+                reply,
+            })
+            .await?;
+        let (st, spec) =
+            found.ok_or_else(|| Status::not_found(format!("no entity named {name}")))?;
+        Ok(Response::new(pb::EntityDetail {
+            status: Some(convert::status_out(st)),
+            definition: Some(convert::entity_out(&spec)),
+        }))
+    }
+
+    async fn add_entity(&self, r: Req<pb::AddEntityRequest>) -> Result<Response<pb::Ack>, Status> {
+        let def = r
+            .into_inner()
+            .entity
+            .ok_or_else(|| Status::invalid_argument("no entity given"))?;
+        let spec = convert::entity(def)?;
+        spec.validate().map_err(convert::status_of)?;
+        let proc = preflight(&spec)?;
+        self.done(Request::AddEntity {
+            spec,
+            proc,
+            origin: Origin::Api,
+        })
+        .await
+    }
+
+    async fn remove_entity(
+        &self,
+        r: Req<pb::RemoveEntityRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        self.done(Request::RemoveEntity {
+            name: r.name,
+            stop: !r.keep_running,
+        })
+        .await
+    }
+
+    async fn restart(&self, r: Req<pb::EntityRef>) -> Result<Response<pb::Ack>, Status> {
+        self.done(Request::Restart {
+            name: r.into_inner().name,
+        })
+        .await
+    }
+
+    async fn stop_entity(&self, r: Req<pb::EntityRef>) -> Result<Response<pb::Ack>, Status> {
+        self.done(Request::Stop {
+            name: r.into_inner().name,
+        })
+        .await
+    }
+
+    async fn start_entity(&self, r: Req<pb::EntityRef>) -> Result<Response<pb::Ack>, Status> {
+        self.done(Request::Start {
+            name: r.into_inner().name,
+        })
+        .await
+    }
+
+    async fn attach_self(
+        &self,
+        r: Req<pb::AttachSelfRequest>,
+    ) -> Result<Response<pb::AttachSelfReply>, Status> {
+        // The caller's PID comes from the socket's credentials when it gives none.
+        let peer_pid = r
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .and_then(|c| c.pid());
+        let r = r.into_inner();
+        let pid = if r.pid > 0 {
+            r.pid
+        } else {
+            peer_pid.unwrap_or(0)
+        };
+        let mut spec = EntitySpec::new(r.name, EntityKind::SelfAttached { pid });
+        spec.heartbeat = convert::heartbeat(r.heartbeat);
+        spec.conditions = r
+            .conditions
+            .into_iter()
+            .map(convert::condition)
+            .collect::<Result<_, _>>()?;
+        spec.validate().map_err(convert::status_of)?;
+        let proc = preflight(&spec)?.ok_or_else(|| Status::invalid_argument("no pid"))?;
+        match self.engine(Request::AttachSelf { spec, proc }).await? {
+            Reply::Attached { slot, token } => Ok(Response::new(pb::AttachSelfReply {
+                slot,
+                token,
+                beat_file: self.beat_file.display().to_string(),
+            })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn detach(&self, r: Req<pb::EntityRef>) -> Result<Response<pb::Ack>, Status> {
+        self.done(Request::Detach {
+            name: r.into_inner().name,
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, r: Req<pb::EntityRef>) -> Result<Response<pb::Ack>, Status> {
+        self.done(Request::Heartbeat {
+            name: r.into_inner().name,
+        })
+        .await
+    }
+
+    async fn raise(&self, r: Req<pb::RaiseRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        self.done(Request::Raise {
+            name: r.name,
+            severity: r.severity,
+            message: r.message,
+        })
+        .await
+    }
+
+    async fn set_state(&self, r: Req<pb::SetStateRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        self.done(Request::SetState {
+            name: r.name,
+            state: r.state,
+        })
+        .await
+    }
+
+    async fn add_condition(
+        &self,
+        r: Req<pb::AddConditionRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        let c = r
+            .condition
+            .ok_or_else(|| Status::invalid_argument("no condition given"))?;
+        self.done(Request::AddCondition {
+            entity: r.entity,
+            condition: convert::condition(c)?,
+        })
+        .await
+    }
+
+    async fn remove_condition(
+        &self,
+        r: Req<pb::RemoveConditionRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        self.done(Request::RemoveCondition {
+            entity: r.entity,
+            condition: r.condition,
+        })
+        .await
+    }
+
+    async fn add_action(&self, r: Req<pb::AddActionRequest>) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        let a = r
+            .action
+            .ok_or_else(|| Status::invalid_argument("no action given"))?;
+        let mut action = convert::action(a)?;
+        if action.name.is_empty() {
+            action.name = action.kind.as_str().to_string();
+        }
+        self.done(Request::AddAction {
+            entity: r.entity,
+            condition: r.condition,
+            action,
+        })
+        .await
+    }
+
+    async fn remove_action(
+        &self,
+        r: Req<pb::RemoveActionRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = r.into_inner();
+        self.done(Request::RemoveAction {
+            entity: r.entity,
+            condition: r.condition,
+            action: r.action,
+        })
+        .await
+    }
+
+    async fn reload(&self, _: Req<pb::ReloadRequest>) -> Result<Response<pb::ReloadReply>, Status> {
+        let path = self.config.as_ref().ok_or_else(|| {
+            Status::failed_precondition("hamd was started without --config: nothing to reload")
+        })?;
+        let req = load_config_request(path).map_err(Status::invalid_argument)?;
+        match self.engine(req).await? {
+            Reply::Reloaded {
+                added,
+                changed,
+                removed,
+            } => Ok(Response::new(pb::ReloadReply {
+                added,
+                changed,
+                removed,
+            })),
+            other => Err(Status::internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        r: Req<pb::SubscribeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = r.into_inner();
+        let filter = EventFilter {
+            entities: r.entities,
+            kinds: r.kinds,
+        };
+        let sub = self
+            .ask(|reply| Msg::Subscribe {
+                from_seq: r.from_seq,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(event_stream(
+            self.node.clone(),
+            filter,
+            sub,
+            r.follow,
+        )))
+    }
+
+    async fn shutdown(&self, r: Req<pb::ShutdownRequest>) -> Result<Response<pb::Ack>, Status> {
+        let kill_entities = r.into_inner().kill_entities;
+        self.ask(|reply| Msg::Shutdown {
+            kill_entities,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn set_verbose(
+        &self,
+        r: Req<pb::SetVerboseRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        (self.verbose)(&r.into_inner().level).map_err(Status::invalid_argument)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// Reads and validates the config file and makes the reconcile request for it.
+pub fn load_config_request(path: &std::path::Path) -> Result<Request, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let cfg =
+        ham_core::config::parse(&path.display().to_string(), &text).map_err(|e| e.to_string())?;
+    let mut procs = HashMap::new();
+    for spec in &cfg.entities {
+        if let EntityKind::Attached { pid, .. } = spec.kind {
+            if let Ok(p) = process::identify(pid) {
+                procs.insert(spec.name.clone(), p);
+            }
+        } else if let EntityKind::Started(c) = &spec.kind {
+            process::check_runnable(c)
+                .map_err(|m| format!("{}: entity {}: {m}", path.display(), spec.name))?;
+        }
+    }
+    Ok(Request::Reload {
+        specs: cfg.entities,
+        procs,
+    })
+}
+
+/// The replayed events, a gap event if some are gone, then live events (with a gap
+/// event whenever this subscriber fell too far behind to keep up).
+fn event_stream(node: String, filter: EventFilter, sub: Subscription, follow: bool) -> EventStream {
+    let Subscription {
+        backlog,
+        gap,
+        mut live,
+    } = sub;
+    let stream = async_stream(
+        move |tx: mpsc::Sender<Result<pb::Event, Status>>| async move {
+            let now_ms = crate::time::now().wall_ms;
+            if let Some((from, to)) = gap
+                && tx
+                    .send(Ok(convert::gap_event(&node, from, to, now_ms)))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            let mut last = 0;
+            for e in backlog {
+                last = e.seq.0;
+                if filter.matches(&e) && tx.send(Ok(convert::event_out(&node, &e))).await.is_err() {
+                    return;
+                }
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        if e.seq.0 <= last {
+                            continue; // already sent from the backlog
+                        }
+                        last = e.seq.0;
+                        if filter.matches(&e)
+                            && tx.send(Ok(convert::event_out(&node, &e))).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let gap = convert::gap_event(
+                            &node,
+                            last + 1,
+                            last + n,
+                            crate::time::now().wall_ms,
+                        );
+                        last += n;
+                        if tx.send(Ok(gap)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        },
+    );
+    Box::pin(stream)
+}
+
+/// Runs a producer task feeding a channel and returns the channel as a stream.
+fn async_stream<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>
+where
+    F: FnOnce(mpsc::Sender<Result<pb::Event, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,34 @@
+//! ham's control API, generated from `proto/ham.proto` with prost and tonic.
+//!
+//! Invariant: only this crate holds prost types; the engine's own model lives in
+//! `ham-core` and the node converts at its edge.
+
+#![allow(missing_docs, clippy::all)]
+
+/// Version 1 of the API (package `ham.v1`).
+pub mod v1 {
+    tonic::include_proto!("ham.v1");
+}
+
+pub use v1::*;
+
+/// Default locations shared by `hamd` and its clients.
+pub mod defaults {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::PathBuf;
+
+    /// The control socket: `/run/ham/ham.sock` for root, else under the user's runtime
+    /// directory (`$XDG_RUNTIME_DIR/ham/ham.sock`, or `/tmp/ham-UID/ham.sock`).
+    pub fn socket_path() -> PathBuf {
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(0);
+        if uid == 0 {
+            return PathBuf::from("/run/ham/ham.sock");
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("ham").join("ham.sock"),
+            _ => PathBuf::from(format!("/tmp/ham-{uid}/ham.sock")),
+        }
+    }
+}

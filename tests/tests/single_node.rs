@@ -1,0 +1,515 @@
+//! One node, real processes: entities, conditions, actions, heartbeats, recovery,
+//! config and API errors, all through the real `hamd` and `ham` binaries.
+
+use ham_tests::{TestNode, alive, bin, kill, wait_until};
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+
+fn pid_of(e: &Value) -> i32 {
+    e["pid"].as_i64().unwrap_or(0) as i32
+}
+
+#[test]
+fn killed_entity_is_restarted_once_and_events_come_in_order() {
+    let mut node = TestNode::start("kill9");
+    node.ham(&["entity", "add", "web", "--restart", "--", "sleep", "1000"]);
+    let first = node.wait_entity("web", "start", |e| e["state"] == "running");
+    let pid = pid_of(&first);
+    kill(pid, 9);
+    let second = node.wait_entity("web", "restart", |e| {
+        e["restarts"] == 1 && e["state"] == "running"
+    });
+    let new_pid = pid_of(&second);
+    assert_ne!(new_pid, pid);
+    assert!(alive(new_pid));
+    assert!(!alive(pid));
+    assert_eq!(
+        node.kinds_of("web"),
+        [
+            "entity-added",
+            "started",
+            "attach",
+            "death",
+            "abnormal-death",
+            "started",
+            "restart",
+            "action-ok"
+        ]
+    );
+    let ev = node.events();
+    let death = ev
+        .iter()
+        .find(|e| e["kind"] == "death")
+        .expect("death event");
+    assert!(
+        death["detail"].as_str().unwrap_or("").contains("signal 9"),
+        "{death}"
+    );
+    let seqs: Vec<u64> = ev.iter().map(|e| e["seq"].as_u64().unwrap_or(0)).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "contiguous: {seqs:?}"
+    );
+    // Exactly one replacement: the restart count stays at one.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(node.entity("web")["restarts"], 1);
+}
+
+#[test]
+fn normal_and_abnormal_exits_are_told_apart() {
+    let node = TestNode::start("exits");
+    node.ham(&["entity", "add", "ok", "--", "sh", "-c", "exit 0"]);
+    node.ham(&["entity", "add", "bad", "--", "sh", "-c", "exit 3"]);
+    node.wait_events("both deaths", |ev| {
+        ev.iter().filter(|e| e["kind"] == "death").count() == 2
+    });
+    assert!(node.kinds_of("ok").contains(&"death".to_string()));
+    assert!(!node.kinds_of("ok").contains(&"abnormal-death".to_string()));
+    let bad: Vec<Value> = node
+        .events()
+        .into_iter()
+        .filter(|e| e["entity"] == "bad")
+        .collect();
+    let abnormal = bad
+        .iter()
+        .find(|e| e["kind"] == "abnormal-death")
+        .expect("abnormal");
+    assert!(
+        abnormal["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit code 3")
+    );
+}
+
+#[test]
+fn an_attached_non_child_is_watched_and_its_death_detected() {
+    let mut node = TestNode::start("attach");
+    let mut other = std::process::Command::new("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("spawn");
+    let pid = other.id() as i32;
+    node.track(pid);
+    node.ham(&["entity", "attach", "ext", "--pid", &pid.to_string()]);
+    let e = node.entity("ext");
+    assert_eq!((e["kind"].as_str(), pid_of(&e)), (Some("attached"), pid));
+    kill(pid, 9);
+    let _ = other.wait();
+    node.wait_entity("ext", "death", |e| e["state"] == "dead");
+    let death = node
+        .events()
+        .into_iter()
+        .find(|e| e["entity"] == "ext" && e["kind"] == "death")
+        .expect("death");
+    assert!(
+        death["detail"].as_str().unwrap_or("").contains("unknown"),
+        "{death}"
+    );
+    let err = node.ham_fails(&["entity", "attach", "ghost", "--pid", "999999"]);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn a_reused_pid_is_not_taken_for_the_original_process() {
+    // Forcing a PID to be reused needs /proc/sys/kernel/ns_last_pid (root).
+    let ns_last_pid = "/proc/sys/kernel/ns_last_pid";
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .open(ns_last_pid)
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED a_reused_pid_is_not_taken_for_the_original_process: {ns_last_pid} is not writable (needs root)"
+        );
+        return;
+    }
+    let mut node = TestNode::start("reuse");
+    node.ham(&["entity", "add", "victim", "--", "sleep", "1000"]);
+    let pid = pid_of(&node.wait_entity("victim", "start", |e| e["state"] == "running"));
+    // Stop hamd; the entity keeps running and the store keeps its (pid, start time).
+    node.ham(&["stop"]);
+    node.wait_exit();
+    kill(pid, 9);
+    wait_until("victim gone", 5, || !alive(pid));
+    // Make a new process take the same PID.
+    let mut imposter = None;
+    for _ in 0..50 {
+        std::fs::write(ns_last_pid, (pid - 1).to_string()).expect("ns_last_pid");
+        let c = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .expect("spawn");
+        if c.id() as i32 == pid {
+            imposter = Some(c);
+            break;
+        }
+        let mut c = c;
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let Some(mut imposter) = imposter else {
+        eprintln!("SKIPPED: could not make PID {pid} be reused");
+        return;
+    };
+    node.track(pid);
+    node.launch().expect("hamd restarts and adopts");
+    // The adopted record's process is gone: a death, and the imposter is left alone.
+    let e = node.wait_entity("victim", "death of the original", |e| e["state"] == "dead");
+    assert_eq!(pid_of(&e), 0);
+    assert!(
+        alive(pid),
+        "the process that reused the PID was not touched"
+    );
+    let _ = imposter.kill();
+    let _ = imposter.wait();
+}
+
+#[test]
+fn stopped_hamd_leaves_entities_running_and_the_next_one_adopts_them() {
+    let mut node = TestNode::start("adopt");
+    node.ham(&["entity", "add", "svc", "--restart", "--", "sleep", "1000"]);
+    let pid = pid_of(&node.wait_entity("svc", "start", |e| e["state"] == "running"));
+    node.ham(&["stop"]);
+    assert!(node.wait_exit().success());
+    assert!(alive(pid), "entities keep running after ham stop");
+    node.launch().expect("hamd restarts");
+    let e = node.entity("svc");
+    assert_eq!((pid_of(&e), e["state"].as_str()), (pid, Some("running")));
+    assert!(node.kinds_of("").contains(&"resumed".to_string()));
+    // Still watched: a kill is still a death and still restarts it.
+    kill(pid, 9);
+    node.wait_entity("svc", "restart after adoption", |e| e["restarts"] == 1);
+}
+
+#[test]
+fn heartbeat_missed_low_and_high_fire_at_their_thresholds() {
+    let beater = bin("ham-test-beater");
+    let config = format!(
+        r#"
+[[entity]]
+name = "hb"
+command = ["{}", "20", "10"]
+heartbeat = {{ period = "100ms", low = 2, high = 4 }}
+"#,
+        beater.display()
+    );
+    let node = TestNode::start_with_config("hb", &config);
+    let ev = node.wait_events("missed-high", |ev| {
+        ev.iter().any(|e| e["kind"] == "heartbeat-missed-high")
+    });
+    let t = |kind: &str| {
+        ev.iter()
+            .find(|e| e["kind"] == kind)
+            .and_then(|e| e["time_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let started = t("started");
+    let (low, high) = (
+        t("heartbeat-missed-low") - started,
+        t("heartbeat-missed-high") - started,
+    );
+    // It beats for ~200 ms, so periods 3.. are missed: low at the 2nd miss, high at the 4th.
+    assert!((350..=650).contains(&low), "low after {low} ms");
+    assert!(
+        high >= low + 150 && high <= low + 300,
+        "high {high} ms vs low {low} ms"
+    );
+    let low_ev = ev
+        .iter()
+        .find(|e| e["kind"] == "heartbeat-missed-low")
+        .expect("low");
+    assert!(
+        low_ev["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("low threshold 2")
+    );
+}
+
+#[test]
+fn heartbeat_healthy_rearms_missed_heartbeat_conditions() {
+    let config = r#"
+[[entity]]
+name = "silent"
+command = ["sleep", "1000"]
+heartbeat = { period = "50ms", low = 1, high = 100 }
+[[entity.condition]]
+on = "heartbeat-missed-low"
+action = [{ do = "heartbeat-healthy" }]
+"#;
+    let node = TestNode::start_with_config("healthy", config);
+    // Without heartbeat-healthy the low condition would fire once; re-armed it repeats.
+    node.wait_events("repeated missed-low", |ev| {
+        ev.iter()
+            .filter(|e| e["kind"] == "heartbeat-missed-low")
+            .count()
+            >= 3
+    });
+}
+
+#[test]
+fn api_heartbeats_keep_an_entity_healthy() {
+    let mut node = TestNode::start("apibeat");
+    node.ham(&[
+        "entity",
+        "add",
+        "script",
+        "--heartbeat",
+        "300ms",
+        "--low",
+        "2",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    for _ in 0..8 {
+        node.ham(&["heartbeat", "script"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(node.entity("script")["missed_beats"], 0);
+    assert!(
+        !node
+            .kinds_of("script")
+            .contains(&"heartbeat-missed-low".to_string())
+    );
+}
+
+#[test]
+fn a_restart_ladder_restarts_three_times_then_escalates_exactly_once() {
+    let node_dir = ham_tests::Scratch::new("ladder-out");
+    let marker = node_dir.join("escalated");
+    let config = format!(
+        r#"
+[[entity]]
+name = "flaky"
+command = ["sh", "-c", "sleep 0.05; exit 1"]
+restart = {{ limit = 3, within = "10s", escalate = [{{ do = "execute", command = ["sh", "-c", "echo x >> {}"] }}] }}
+"#,
+        marker.display()
+    );
+    let mut node = TestNode::start_with_config("ladder", &config);
+    let e = node.wait_entity("flaky", "failed", |e| e["state"] == "failed");
+    assert_eq!(e["restarts"], 3);
+    assert_eq!(e["deaths"], 4);
+    wait_until("escalation ran", 5, || marker.exists());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let lines = std::fs::read_to_string(&marker)
+        .expect("marker")
+        .lines()
+        .count();
+    assert_eq!(lines, 1, "escalation ran exactly once");
+    let kinds = node.kinds_of("flaky");
+    assert_eq!(kinds.iter().filter(|k| *k == "restart").count(), 3);
+    assert_eq!(kinds.iter().filter(|k| *k == "restart-limit").count(), 1);
+    // An operator's restart clears the failed state.
+    node.ham(&["restart", "flaky"]);
+    node.wait_entity("flaky", "operator restart", |e| e["restarts"] == 4);
+}
+
+#[test]
+fn waitfor_succeeds_when_the_path_appears_and_fails_with_fail_actions_on_timeout() {
+    let scratch = ham_tests::Scratch::new("waitfor-out");
+    let appears = scratch.join("appears");
+    let never = scratch.join("never");
+    let fallback = scratch.join("fallback-ran");
+    let config = format!(
+        r#"
+[[entity]]
+name = "g"
+global = true
+
+[[entity.condition]]
+on = "raise"
+name = "ok"
+independent = true
+action = [
+  {{ do = "execute", command = ["sh", "-c", "(sleep 0.2; touch {a}) &"] }},
+  {{ do = "waitfor", path = "{a}", timeout = "3s" }},
+]
+
+[[entity.condition]]
+on = "raise"
+name = "late"
+independent = true
+action = [
+  {{ do = "waitfor", path = "{n}", timeout = "200ms", on_fail = [
+      {{ do = "execute", command = ["false"], on_fail = [{{ do = "execute", command = ["touch", "{f}"] }}] }},
+  ] }},
+]
+"#,
+        a = appears.display(),
+        n = never.display(),
+        f = fallback.display()
+    );
+    let node = TestNode::start_with_config("waitfor", &config);
+    node.ham(&["raise", "g", "go"]);
+    let ev = node.wait_events("both conditions done", |ev| {
+        let ok = ev.iter().any(|e| {
+            e["kind"] == "action-ok" && e["detail"].as_str().unwrap_or("").starts_with("ok/waitfor")
+        });
+        ok && fallback.exists()
+    });
+    let failed: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["kind"] == "action-failed")
+        .map(|e| e["detail"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|d| d.starts_with("late/waitfor") && d.contains("did not appear")),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().any(|d| d.contains("exit code 1")),
+        "{failed:?}"
+    );
+}
+
+#[test]
+fn a_bad_config_is_refused_with_file_line_and_column_and_changes_nothing() {
+    let good = "[[entity]]\nname = \"a\"\ncommand = [\"sleep\", \"1000\"]\n";
+    let mut node = TestNode::start_with_config("cfg", good);
+    node.wait_entity("a", "start", |e| e["state"] == "running");
+    // Everything but the clock: uptime moves on by itself.
+    let snapshot = |node: &mut TestNode| {
+        let mut v = node.status()["entities"].clone();
+        for e in v.as_array_mut().into_iter().flatten() {
+            e["uptime_ms"] = Value::Null;
+        }
+        v
+    };
+    let before = snapshot(&mut node);
+    let cfg = node.config.clone().expect("config");
+    std::fs::write(
+        &cfg,
+        format!("{good}\n[[entity]]\nname = \"b\"\ncomand = \"true\"\n"),
+    )
+    .expect("write");
+    let err = node.ham_fails(&["reload"]);
+    let at = format!("{}:7:1", cfg.display());
+    assert!(err.contains(&at), "{err} should point at {at}");
+    assert!(err.contains("comand"), "{err}");
+    assert_eq!(snapshot(&mut node), before, "nothing changed");
+    // A valid reload then applies whole.
+    std::fs::write(
+        &cfg,
+        format!("{good}\n[[entity]]\nname = \"b\"\nglobal = true\n"),
+    )
+    .expect("write");
+    let out: Value = serde_json::from_str(&node.ham(&["reload", "--json"])).expect("json");
+    assert_eq!(out["added"], serde_json::json!(["b"]));
+
+    // hamd refuses to start on a bad config, before touching any state.
+    let mut bad = TestNode::start("cfg-bad");
+    bad.ham(&["stop"]);
+    bad.wait_exit();
+    let bad_cfg = bad.dir.join("bad.toml");
+    std::fs::write(
+        &bad_cfg,
+        "[[entity]]\nname = \"x\"\nheartbeat = { period = \"fast\" }\nglobal = true\n",
+    )
+    .expect("write");
+    let out = bad
+        .hamd_command()
+        .arg("--config")
+        .arg(&bad_cfg)
+        .output()
+        .expect("hamd runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:", bad_cfg.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn api_misuse_gets_the_right_status_code_and_a_one_line_error() {
+    let node = TestNode::start("misuse");
+    node.ham(&["entity", "add", "web", "--", "sleep", "1000"]);
+    let cases: [(&[&str], &str); 6] = [
+        (&["restart", "nope"], "not found"),
+        (
+            &["entity", "add", "web", "--", "sleep", "1"],
+            "already exists",
+        ),
+        (
+            &["entity", "add", "bad name", "--", "sleep", "1"],
+            "invalid argument",
+        ),
+        (
+            &["entity", "add", "typo", "--", "no-such-program-xyz"],
+            "invalid argument",
+        ),
+        (&["heartbeat", "web"], "failed precondition"),
+        (
+            &["condition", "add", "web", "c", "--on", "dying"],
+            "invalid argument",
+        ),
+    ];
+    for (args, code) in cases {
+        let err = node.ham_fails(args);
+        assert!(err.starts_with(&format!("ham: {code}:")), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn the_control_socket_is_mode_0660() {
+    let node = TestNode::start("mode");
+    let mode = std::fs::metadata(&node.socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660);
+}
+
+#[test]
+fn conditions_and_actions_added_at_run_time_take_effect() {
+    let scratch = ham_tests::Scratch::new("runtime-out");
+    let marker = scratch.join("ran");
+    let mut node = TestNode::start("runtime");
+    node.ham(&["entity", "global", "sensor"]);
+    node.ham(&[
+        "condition",
+        "add",
+        "sensor",
+        "hot",
+        "--on",
+        "raise",
+        "--severity",
+        "5",
+    ]);
+    node.ham(&[
+        "action",
+        "add",
+        "sensor",
+        "hot",
+        "execute",
+        "--",
+        "touch",
+        marker.to_str().unwrap_or(""),
+    ]);
+    node.ham(&["raise", "sensor", "--severity", "2", "warm"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!marker.exists(), "severity below the filter");
+    node.ham(&["raise", "sensor", "--severity", "7", "very hot"]);
+    wait_until("execute action ran", 5, || marker.exists());
+    let d: Value = serde_json::from_str(&node.ham(&["status", "sensor", "--json"])).expect("json");
+    assert_eq!(d["conditions"][0]["actions"][0]["name"], "execute");
+    node.ham(&["state", "sensor", "degraded"]);
+    assert_eq!(node.entity("sensor")["user_state"], "degraded");
+}
+
+#[test]
+fn stop_with_kill_entities_stops_processes_and_removes_the_state() {
+    let mut node = TestNode::start("killall");
+    node.ham(&["entity", "add", "a", "--", "sleep", "1000"]);
+    let pid = pid_of(&node.wait_entity("a", "start", |e| e["state"] == "running"));
+    node.ham(&["stop", "--kill-entities"]);
+    assert!(node.wait_exit().success());
+    wait_until("entity stopped", 5, || !alive(pid));
+    assert!(!node.state.exists());
+}
