@@ -4,8 +4,8 @@
 
 use crate::pair::{GuardianCommand, Pair, PairEvent};
 use crate::process::{self, ProcessHandle};
-use crate::watch::Watcher;
 use crate::time::now;
+use crate::watch::Watcher;
 use guardian::pair::HandedProcess;
 use guardian::shm::{BeatTable, Store, StoreParams, Txn};
 use ham_core::engine::state::ExitStatus;

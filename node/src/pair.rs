@@ -169,7 +169,11 @@ impl Pair {
 
     /// A Guardian died: forget it if it is the current one (true then).
     pub fn forget(&mut self, pid: i32) -> bool {
-        if self.current.as_ref().is_some_and(|g| g.handle.proc.pid == pid) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|g| g.handle.proc.pid == pid)
+        {
             self.current = None;
             true
         } else {
