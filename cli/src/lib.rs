@@ -19,12 +19,15 @@ use guardian::shm::BeatTable;
 use ham_proto as pb;
 use ham_proto::ham_client::HamClient;
 use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use ham_proto;
@@ -156,6 +159,10 @@ pub struct Subscription {
     pub from_seq: u64,
     /// Keep following new events.
     pub follow: bool,
+    /// `""`: the node this client talks to; `"all"`: every node of the mesh.
+    pub nodes: String,
+    /// A pattern over `NODE/ENTITY/KIND` (`*` matches anything); empty: all.
+    pub topic: String,
 }
 
 /// The deepest cause of an error, which is the one that says what happened.
@@ -189,6 +196,31 @@ fn is_transient(s: &tonic::Status) -> bool {
     }
 }
 
+/// True for a connection that was made and then broken (not for "nobody listens").
+fn is_broken_connection(reason: &str) -> bool {
+    let m = reason.to_ascii_lowercase();
+    ["broken pipe", "reset", "eof", "closed"]
+        .iter()
+        .any(|w| m.contains(w))
+}
+
+/// The generated client, over a channel that can name the node a call is for.
+pub type Api = HamClient<InterceptedService<Channel, NodeTarget>>;
+
+/// Adds the `ham-node` metadata that makes the local `hamd` forward a call to
+/// another node of the mesh.
+#[derive(Clone, Default)]
+pub struct NodeTarget(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for NodeTarget {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("ham-node", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 /// A boxed future of a unary call's response.
 pub type CallFuture<T> =
     Pin<Box<dyn Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send>>;
@@ -197,7 +229,8 @@ pub type CallFuture<T> =
 /// taking over) are retried until they succeed or `retry_for` runs out.
 #[derive(Clone)]
 pub struct Client {
-    api: HamClient<Channel>,
+    api: Api,
+    channel: Channel,
     socket: PathBuf,
     retry_for: Duration,
 }
@@ -206,27 +239,41 @@ impl Client {
     /// Connects to the `hamd` listening on `socket`.
     pub async fn connect(socket: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = socket.as_ref().to_path_buf();
-        let target = path.clone();
+        let retry_for = Duration::from_secs(10);
+        let deadline = Instant::now() + retry_for;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match Self::dial(&path).await {
+                Ok(channel) => {
+                    return Ok(Client {
+                        api: HamClient::with_interceptor(channel.clone(), NodeTarget::default()),
+                        channel,
+                        socket: path,
+                        retry_for,
+                    });
+                }
+                // A connection the dying HAM had accepted breaks: the Guardian, which
+                // holds the same listener, answers the next one.
+                Err(reason) if is_broken_connection(&reason) && Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(reason) => return Err(ClientError::Connect { path, reason }),
+            }
+        }
+    }
+
+    async fn dial(path: &Path) -> Result<Channel, String> {
+        let target = path.to_path_buf();
         // The URI is required by the API but unused: the connector dials the socket.
-        let channel =
-            Endpoint::from_static("http://hamd.local")
-                .connect_timeout(Duration::from_secs(5))
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let target = target.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(target).await?))
-                    }
-                }))
-                .await
-                .map_err(|e| ClientError::Connect {
-                    path: path.clone(),
-                    reason: innermost(&e),
-                })?;
-        Ok(Client {
-            api: HamClient::new(channel),
-            socket: path,
-            retry_for: Duration::from_secs(10),
-        })
+        Endpoint::from_static("http://hamd.local")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let target = target.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(target).await?)) }
+            }))
+            .await
+            .map_err(|e| innermost(&e))
     }
 
     /// How long calls are retried while hamd does not answer (default 10 s).
@@ -238,7 +285,7 @@ impl Client {
     /// fresh handle each time: `client.call(|mut api| Box::pin(async move { api.status(req).await }))`.
     pub async fn call<T>(
         &mut self,
-        mut f: impl FnMut(HamClient<Channel>) -> CallFuture<T>,
+        mut f: impl FnMut(Api) -> CallFuture<T>,
     ) -> Result<T, ClientError> {
         let deadline = Instant::now() + self.retry_for;
         let mut pause = Duration::from_millis(5);
@@ -268,8 +315,23 @@ impl Client {
     }
 
     /// The full generated API, for everything this wrapper does not cover.
-    pub fn api(&mut self) -> &mut HamClient<Channel> {
+    pub fn api(&mut self) -> &mut Api {
         &mut self.api
+    }
+
+    /// Sends every later call to node `node` of the mesh, through the local `hamd`
+    /// (`ham --node NAME`); `None` talks to the local node again.
+    pub fn set_target(&mut self, node: Option<&str>) -> Result<(), ClientError> {
+        let value = match node {
+            None => None,
+            Some(n) => Some(n.parse().map_err(|_| {
+                ClientError::Status(tonic::Status::invalid_argument(format!(
+                    "{n:?} is not a node name"
+                )))
+            })?),
+        };
+        self.api = HamClient::with_interceptor(self.channel.clone(), NodeTarget(value));
+        Ok(())
     }
 
     /// The node's status table.
@@ -377,22 +439,26 @@ impl Client {
         s: Subscription,
     ) -> Result<impl Stream<Item = Result<pb::Event, ClientError>> + use<>, ClientError> {
         let mut from = s.from_seq;
-        if s.follow && from == 0 {
+        let all = s.nodes == "all";
+        if s.follow && from == 0 && !all {
             // Pin "from now on" to a sequence number so that a resume knows where it was.
             from = self.status().await?.next_event_seq;
         }
-        let first = self.open_events(&s, from).await?;
+        let first = self.open_events(&s, from, &HashMap::new()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut client = self.clone();
         tokio::spawn(async move {
             let mut stream = first;
             let mut next = from;
+            // Per publishing node, for a cluster-wide subscription.
+            let mut resume: HashMap<String, u64> = HashMap::new();
             loop {
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(e) => {
                             if e.seq > 0 {
                                 next = e.seq + 1;
+                                resume.insert(e.node.clone(), e.seq + 1);
                             }
                             if tx.send(Ok(e)).await.is_err() {
                                 return;
@@ -409,7 +475,7 @@ impl Client {
                     return;
                 }
                 // The stream broke (or ended): hamd is changing hands. Resume.
-                stream = match client.reopen_events(&s, next).await {
+                stream = match client.reopen_events(&s, next, &resume).await {
                     Ok(st) => st,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -425,12 +491,16 @@ impl Client {
         &mut self,
         s: &Subscription,
         from_seq: u64,
+        resume: &HashMap<String, u64>,
     ) -> Result<tonic::Streaming<pb::Event>, ClientError> {
         let req = pb::SubscribeRequest {
             entities: s.entities.clone(),
             kinds: s.kinds.clone(),
             from_seq,
             follow: s.follow,
+            nodes: s.nodes.clone(),
+            topic: s.topic.clone(),
+            resume: resume.clone(),
         };
         self.call(move |mut api| {
             let req = req.clone();
@@ -443,10 +513,11 @@ impl Client {
         &mut self,
         s: &Subscription,
         from_seq: u64,
+        resume: &HashMap<String, u64>,
     ) -> Result<tonic::Streaming<pb::Event>, ClientError> {
         let deadline = Instant::now() + self.retry_for;
         loop {
-            match self.open_events(s, from_seq).await {
+            match self.open_events(s, from_seq, resume).await {
                 Ok(st) => return Ok(st),
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

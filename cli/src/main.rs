@@ -33,8 +33,46 @@ struct Cli {
     /// Print machine-readable JSON (read commands).
     #[arg(long, global = true)]
     json: bool,
+    /// Run the command on node NAME of the mesh, through the local hamd
+    /// (`all` with `events`: every node).
+    #[arg(long, global = true, value_name = "NAME")]
+    node: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key.
+    InitCa {
+        /// Where to write it.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue node NODE's certificate and key (DIR/NODE.crt, DIR/NODE.key), signed by
+    /// the CA in DIR.
+    Issue {
+        /// The node's name (a DNS label, as `hamd --name`).
+        node: String,
+        /// Where the CA is and the files go.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn cert(c: &CertCmd) -> anyhow::Result<()> {
+    match c {
+        CertCmd::InitCa { dir } => {
+            let (crt, key) = ham_overlay::identity::init_ca(dir)?;
+            println!("wrote {} and {}", crt.display(), key.display());
+        }
+        CertCmd::Issue { node, dir } => {
+            let name = ham_overlay::NodeName::new(node.clone())?;
+            let (crt, key) = ham_overlay::identity::issue(dir, &name)?;
+            println!("wrote {} and {}", crt.display(), key.display());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,7 +110,16 @@ enum Cmd {
         /// Replay from this sequence number (default: everything still buffered).
         #[arg(long)]
         from: Option<u64>,
+        /// Only events whose topic NODE/ENTITY/KIND matches (`*` matches anything),
+        /// e.g. "*/web/*" or "*/*/node-down".
+        #[arg(long)]
+        topic: Option<String>,
     },
+    /// The mesh's members: state, address, round-trip time, last contact.
+    Nodes,
+    /// Make the cluster CA and node certificates (no hamd needed).
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Report a detector's event about an entity (fires `raise` conditions).
     Raise {
         /// The entity.
@@ -229,6 +276,9 @@ enum ConditionCmd {
         /// For state: only transitions to this state.
         #[arg(long)]
         to: Option<String>,
+        /// For node-down / node-up: only this node.
+        #[arg(long = "of-node", value_name = "NAME")]
+        node: Option<String>,
     },
     /// Remove a condition.
     Rm {
@@ -381,7 +431,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(ham_proto::defaults::socket_path);
+    if let Cmd::Cert(c) = &cli.cmd {
+        return cert(c);
+    }
+    let all_nodes = cli.node.as_deref() == Some("all");
+    if all_nodes && !matches!(cli.cmd, Cmd::Events { .. }) {
+        bail!("--node all works with `events`; name one node for other commands");
+    }
     let mut client = Client::connect(&socket).await?;
+    if !all_nodes {
+        client.set_target(cli.node.as_deref())?;
+    }
     let json = cli.json;
     let name_ref = |name: String| pb::EntityRef { name };
     match cli.cmd {
@@ -404,6 +464,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             severity,
             from,
             to,
+            node,
         }) => {
             let condition = pb::ConditionDef {
                 name,
@@ -415,6 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 from_state: from.unwrap_or_default(),
                 to_state: to.unwrap_or_default(),
                 actions: Vec::new(),
+                node: node.unwrap_or_default(),
             };
             call!(
                 client,
@@ -456,13 +518,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             entity,
             kind,
             from,
+            topic,
         } => {
             let mut stream = client
                 .subscribe(Subscription {
                     entities: entity,
                     kinds: kind,
-                    from_seq: from.unwrap_or(1),
+                    from_seq: from.unwrap_or(if all_nodes { 0 } else { 1 }),
                     follow,
+                    nodes: if all_nodes {
+                        "all".into()
+                    } else {
+                        String::new()
+                    },
+                    topic: topic.unwrap_or_default(),
                 })
                 .await?;
             while let Some(e) = stream.next().await {
@@ -476,6 +545,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => client.raise(&name, severity, &message).await?,
         Cmd::State { name, state } => client.set_state(&name, &state).await?,
         Cmd::Heartbeat { name } => client.heartbeat(&name).await?,
+        Cmd::Nodes => {
+            let r = call!(client, nodes, pb::NodesRequest {});
+            output::nodes(&r, json);
+        }
+        Cmd::Cert(_) => unreachable!("handled before connecting"),
         Cmd::Reload => {
             let r = call!(client, reload, pb::ReloadRequest {});
             output::reload(&r, json);

@@ -223,6 +223,22 @@ fn action_kind(a: &pb::ActionDef) -> String {
         Some(Kind::Waitfor(w)) => format!("waitfor {} within {} ms", w.path, w.timeout_ms),
         Some(Kind::HeartbeatHealthy(_)) => "heartbeat-healthy".into(),
         Some(Kind::Log(l)) => format!("log {:?}", l.message),
+        Some(Kind::RemoteRestart(r)) => format!("restart {} on {}", r.entity, r.node),
+        Some(Kind::RemoteExecute(r)) => format!(
+            "execute {} on {}",
+            r.command
+                .as_ref()
+                .map(|c| c.argv.join(" "))
+                .unwrap_or_default(),
+            r.node
+        ),
+        Some(Kind::Failover(f)) => {
+            format!(
+                "failover {} to the first up of {}",
+                f.entity,
+                f.candidates.join(", ")
+            )
+        }
         None => "?".into(),
     }
 }
@@ -294,5 +310,57 @@ pub fn reload(r: &pb::ReloadReply, as_json: bool) {
                 println!("  {what} {n}");
             }
         }
+    }
+}
+
+/// `ham nodes`: the mesh's members as this node sees them.
+pub fn nodes(r: &pb::NodesReply, as_json: bool) {
+    if as_json {
+        let nodes: Vec<Value> = r
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "name": n.name,
+                    "state": n.state,
+                    "addr": n.addr,
+                    "rtt_us": n.rtt_us,
+                    "last_contact_ms": n.last_contact_ms,
+                    "self": n.is_self,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({ "node": r.node, "mesh": r.mesh, "nodes": nodes })
+        );
+        return;
+    }
+    if !r.mesh {
+        println!(
+            "node {} runs without a mesh (start hamd with --mesh-listen)",
+            r.node
+        );
+    }
+    println!(
+        "{:<20} {:<8} {:<24} {:>10} {:>14}",
+        "NODE", "STATE", "ADDRESS", "RTT", "LAST CONTACT"
+    );
+    for n in &r.nodes {
+        let name = if n.is_self {
+            format!("{} (self)", n.name)
+        } else {
+            n.name.clone()
+        };
+        let rtt = n.rtt_us.map_or("-".to_string(), |us| {
+            format!("{:.2} ms", us as f64 / 1000.0)
+        });
+        let last = n
+            .last_contact_ms
+            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+        println!(
+            "{:<20} {:<8} {:<24} {:>10} {:>14}",
+            name, n.state, n.addr, rtt, last
+        );
     }
 }

@@ -52,11 +52,32 @@ pub struct NodeSettings {
     pub capacity: Option<u32>,
 }
 
+/// Mesh settings from the `[mesh]` table; flags override them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSettings {
+    /// UDP address to listen on (`ADDR:PORT`); the mesh is off without it.
+    pub listen: Option<String>,
+    /// Where other nodes reach this one (`HOST:PORT`).
+    pub advertise: Option<String>,
+    /// Nodes to join through (`HOST:PORT`).
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// This node's certificate (PEM).
+    pub cert: Option<String>,
+    /// This node's private key (PEM).
+    pub key: Option<String>,
+    /// The cluster CA's certificate (PEM).
+    pub ca: Option<String>,
+}
+
 /// A parsed, validated config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// `[node]` settings.
     pub node: NodeSettings,
+    /// `[mesh]` settings.
+    pub mesh: MeshSettings,
     /// Every `[[entity]]`, in file order.
     pub entities: Vec<EntitySpec>,
 }
@@ -89,6 +110,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         node: raw.node.unwrap_or_default(),
+        mesh: raw.mesh.unwrap_or_default(),
         entities,
     })
 }
@@ -104,6 +126,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node: Option<NodeSettings>,
+    mesh: Option<MeshSettings>,
     #[serde(default)]
     entity: Vec<Spanned<RawEntity>>,
 }
@@ -240,6 +263,7 @@ struct RawEntity {
     restart: Option<RawRestart>,
     stop_signal: Option<Sig>,
     stop_timeout: Option<Dur>,
+    autostart: Option<bool>,
     #[serde(default)]
     condition: Vec<RawCondition>,
 }
@@ -257,6 +281,7 @@ struct RawCondition {
     severity: Option<u32>,
     from: Option<String>,
     to: Option<String>,
+    node: Option<String>,
     #[serde(default)]
     action: Vec<RawAction>,
 }
@@ -278,6 +303,9 @@ struct RawAction {
     entity: Option<String>,
     path: Option<String>,
     timeout: Option<Dur>,
+    node: Option<String>,
+    #[serde(default)]
+    candidates: Vec<String>,
     delay: Option<Dur>,
     repeat: Option<u32>,
     #[serde(default)]
@@ -320,6 +348,7 @@ impl RawEntity {
                 .stop_timeout
                 .map_or(StopSpec::default().timeout_ms, |d| d.0),
         };
+        spec.autostart = self.autostart.unwrap_or(true);
         for c in self.condition {
             spec.conditions.push(c.into_spec(n)?);
         }
@@ -382,6 +411,12 @@ impl RawCondition {
         c.min_severity = self.severity.unwrap_or(0);
         c.from_state = self.from;
         c.to_state = self.to;
+        if self.node.is_some() && !matches!(kind, ConditionKind::NodeDown | ConditionKind::NodeUp) {
+            return Err(format!(
+                "entity {entity}: condition {name}: `node` filters node-down and node-up only"
+            ));
+        }
+        c.node = self.node;
         Ok(c)
     }
 }
@@ -410,56 +445,85 @@ impl RawAction {
         let here = format!("entity {entity}, {within}, action {}", self.kind);
         let need =
             |v: Option<String>, field: &str| v.ok_or_else(|| format!("{here}: needs {field}"));
-        let kind = match self.kind.as_str() {
-            "restart" => ActionKind::Restart,
-            "execute" => ActionKind::Execute(
-                self.command
+        let kind = match (self.kind.as_str(), self.node) {
+            ("restart", Some(node)) => ActionKind::RemoteRestart {
+                node,
+                entity: need(self.entity, "entity (the entity to restart on that node)")?,
+            },
+            ("execute", Some(node)) => ActionKind::RemoteExecute {
+                node,
+                command: self
+                    .command
                     .ok_or_else(|| format!("{here}: needs command"))?
                     .into_spec(self.env, self.cwd),
-            ),
-            "notify" => ActionKind::Notify {
-                message: self.message.unwrap_or_default(),
             },
-            "signal" => ActionKind::Signal {
-                target: match (self.pid, self.entity) {
-                    (Some(p), None) => SignalTarget::Pid(p),
-                    (None, e) => SignalTarget::Entity(e.unwrap_or_default()),
-                    (Some(_), Some(_)) => {
-                        return Err(format!("{here}: give pid or entity, not both"));
-                    }
-                },
-                signal: self
-                    .signal
-                    .ok_or_else(|| format!("{here}: needs signal"))?
-                    .0,
-            },
-            "waitfor" => ActionKind::Waitfor {
-                path: need(self.path, "path")?,
-                timeout_ms: self
-                    .timeout
-                    .ok_or_else(|| format!("{here}: needs timeout"))?
-                    .0,
-            },
-            "heartbeat-healthy" => ActionKind::HeartbeatHealthy,
-            "log" => ActionKind::Log {
-                message: need(self.message, "message")?,
-                level: match self.level.as_deref().unwrap_or("info") {
-                    "error" => 0,
-                    "warn" => 1,
-                    "info" => 2,
-                    "debug" => 3,
-                    l => {
-                        return Err(format!(
-                            "{here}: level {l:?} is not error, warn, info or debug"
-                        ));
-                    }
-                },
-            },
-            other => {
+            ("failover", None) => {
+                if self.candidates.is_empty() {
+                    return Err(format!(
+                        "{here}: needs candidates (the nodes that may run it)"
+                    ));
+                }
+                ActionKind::Failover {
+                    entity: need(self.entity, "entity (the entity to start)")?,
+                    candidates: self.candidates,
+                }
+            }
+            (k, Some(_)) => {
                 return Err(format!(
-                    "entity {entity}, {within}: action do = {other:?} is not one of restart, execute, notify, signal, waitfor, heartbeat-healthy, log"
+                    "{here}: `node` is for restart and execute; a {k} action runs here"
                 ));
             }
+            (k, None) => match k {
+                "restart" => ActionKind::Restart,
+                "execute" => ActionKind::Execute(
+                    self.command
+                        .ok_or_else(|| format!("{here}: needs command"))?
+                        .into_spec(self.env, self.cwd),
+                ),
+                "notify" => ActionKind::Notify {
+                    message: self.message.unwrap_or_default(),
+                },
+                "signal" => ActionKind::Signal {
+                    target: match (self.pid, self.entity) {
+                        (Some(p), None) => SignalTarget::Pid(p),
+                        (None, e) => SignalTarget::Entity(e.unwrap_or_default()),
+                        (Some(_), Some(_)) => {
+                            return Err(format!("{here}: give pid or entity, not both"));
+                        }
+                    },
+                    signal: self
+                        .signal
+                        .ok_or_else(|| format!("{here}: needs signal"))?
+                        .0,
+                },
+                "waitfor" => ActionKind::Waitfor {
+                    path: need(self.path, "path")?,
+                    timeout_ms: self
+                        .timeout
+                        .ok_or_else(|| format!("{here}: needs timeout"))?
+                        .0,
+                },
+                "heartbeat-healthy" => ActionKind::HeartbeatHealthy,
+                "log" => ActionKind::Log {
+                    message: need(self.message, "message")?,
+                    level: match self.level.as_deref().unwrap_or("info") {
+                        "error" => 0,
+                        "warn" => 1,
+                        "info" => 2,
+                        "debug" => 3,
+                        l => {
+                            return Err(format!(
+                                "{here}: level {l:?} is not error, warn, info or debug"
+                            ));
+                        }
+                    },
+                },
+                other => {
+                    return Err(format!(
+                        "entity {entity}, {within}: action do = {other:?} is not one of restart, execute, notify, signal, waitfor, heartbeat-healthy, log, failover"
+                    ));
+                }
+            },
         };
         Ok(ActionSpec {
             name: self.name.unwrap_or_default(),

@@ -53,6 +53,8 @@ pub enum EventKind {
     Takeover,
     /// Something happened to the HAM/Guardian pair (a Guardian was respawned).
     Pair,
+    /// A mesh node missed its probes; the cluster is checking it.
+    NodeSuspect,
 }
 
 impl EventKind {
@@ -72,6 +74,7 @@ impl EventKind {
             EventKind::Resumed => "resumed",
             EventKind::Takeover => "takeover",
             EventKind::Pair => "pair",
+            EventKind::NodeSuspect => "node-suspect",
         }
     }
 }
@@ -96,19 +99,71 @@ pub struct EventFilter {
     pub entities: Vec<String>,
     /// Event kinds to match.
     pub kinds: Vec<String>,
+    /// A pattern over the topic `NODE/ENTITY/KIND` (see [`topic_matches`]); empty
+    /// matches all.
+    pub topic: String,
 }
 
 impl EventFilter {
-    /// True if the event passes the filter.
-    pub fn matches(&self, e: &Event) -> bool {
+    /// True if the event, published by `node`, passes the filter.
+    pub fn matches(&self, node: &str, e: &Event) -> bool {
         (self.entities.is_empty() || self.entities.contains(&e.entity))
             && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+            && (self.topic.is_empty()
+                || topic_matches(&self.topic, &format!("{node}/{}/{}", e.entity, e.kind)))
     }
+}
+
+/// Matches a topic against a pattern in which `*` stands for any run of characters
+/// (possibly empty, `/` included) and every other character for itself.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), topic.as_bytes());
+    // Greedy matching with backtracking to the last star: linear in practice.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_patterns_match_like_globs() {
+        for (p, t) in [
+            ("b/web/death", "b/web/death"),
+            ("b/*", "b/web/death"),
+            ("*/*/node-down", "a//node-down"),
+            ("*", ""),
+            ("*web*", "b/web/restart"),
+            ("b/w*b/*h", "b/web/death"),
+        ] {
+            assert!(topic_matches(p, t), "{p} ~ {t}");
+        }
+        for (p, t) in [
+            ("b/web/death", "b/web/deaths"),
+            ("a/*", "b/web/death"),
+            ("*/db/*", "b/web/death"),
+            ("b/web", "b/web/death"),
+        ] {
+            assert!(!topic_matches(p, t), "{p} !~ {t}");
+        }
+    }
 
     #[test]
     fn long_details_are_clipped_on_a_char_boundary() {
@@ -127,16 +182,23 @@ mod tests {
             kind: "death".into(),
             detail: String::new(),
         };
-        assert!(EventFilter::default().matches(&e));
+        assert!(EventFilter::default().matches("a", &e));
         let f = EventFilter {
             entities: vec!["db".into()],
-            kinds: vec![],
+            ..EventFilter::default()
         };
-        assert!(!f.matches(&e));
+        assert!(!f.matches("a", &e));
         let f = EventFilter {
             entities: vec!["web".into()],
             kinds: vec!["death".into(), "restart".into()],
+            ..EventFilter::default()
         };
-        assert!(f.matches(&e));
+        assert!(f.matches("a", &e));
+        let f = EventFilter {
+            topic: "b/*".into(),
+            ..EventFilter::default()
+        };
+        assert!(!f.matches("a", &e));
+        assert!(f.matches("b", &e));
     }
 }

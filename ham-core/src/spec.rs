@@ -32,6 +32,14 @@ pub struct EntitySpec {
     pub stop: StopSpec,
     /// Conditions, each with its actions.
     pub conditions: Vec<ConditionSpec>,
+    /// Start the process when the entity is added (false: it waits, stopped, for
+    /// `ham entity start` or a failover).
+    #[serde(default = "yes")]
+    pub autostart: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The four kinds of entity of the QNX model.
@@ -100,7 +108,8 @@ impl CommandSpec {
         }
     }
 
-    fn validate(&self, what: &str) -> Result<(), EngineError> {
+    /// Checks the command line (`what` names it in errors).
+    pub fn validate(&self, what: &str) -> Result<(), EngineError> {
         match self.argv.first() {
             None => Err(EngineError::invalid(format!(
                 "{what}: the command is empty"
@@ -208,13 +217,17 @@ pub enum ConditionKind {
     Raise,
     /// The entity's user state changed.
     State,
-    /// Matches every other kind.
+    /// Matches every other kind of the entity (not the node kinds below).
     Any,
+    /// A mesh node was declared down (filter `node`).
+    NodeDown,
+    /// A mesh node came up, or back (filter `node`).
+    NodeUp,
 }
 
 impl ConditionKind {
     /// Every kind, in a stable order.
-    pub const ALL: [ConditionKind; 10] = [
+    pub const ALL: [ConditionKind; 12] = [
         ConditionKind::Death,
         ConditionKind::AbnormalDeath,
         ConditionKind::Detach,
@@ -225,6 +238,8 @@ impl ConditionKind {
         ConditionKind::Raise,
         ConditionKind::State,
         ConditionKind::Any,
+        ConditionKind::NodeDown,
+        ConditionKind::NodeUp,
     ];
 
     /// The kind's name in configs, the CLI and events.
@@ -240,7 +255,14 @@ impl ConditionKind {
             ConditionKind::Raise => "raise",
             ConditionKind::State => "state",
             ConditionKind::Any => "any",
+            ConditionKind::NodeDown => "node-down",
+            ConditionKind::NodeUp => "node-up",
         }
+    }
+
+    /// True for the kinds about mesh nodes rather than the entity.
+    pub fn is_node_kind(self) -> bool {
+        matches!(self, ConditionKind::NodeDown | ConditionKind::NodeUp)
     }
 
     /// Parses a kind's name.
@@ -279,6 +301,9 @@ pub struct ConditionSpec {
     pub from_state: Option<String>,
     /// For `state`: only transitions to this state (any if unset).
     pub to_state: Option<String>,
+    /// For `node-down` / `node-up`: only this node (any if unset).
+    #[serde(default)]
+    pub node: Option<String>,
     /// Run in order when the condition fires.
     pub actions: Vec<ActionSpec>,
 }
@@ -293,6 +318,7 @@ impl ConditionSpec {
             min_severity: 0,
             from_state: None,
             to_state: None,
+            node: None,
             actions,
         }
     }
@@ -408,6 +434,28 @@ pub enum ActionKind {
         /// 0 error, 1 warn, 2 info, 3 debug.
         level: u8,
     },
+    /// Restart an entity on another node of the mesh.
+    RemoteRestart {
+        /// The node.
+        node: String,
+        /// The entity there.
+        entity: String,
+    },
+    /// Run a command on another node of the mesh.
+    RemoteExecute {
+        /// The node.
+        node: String,
+        /// What to run there.
+        command: CommandSpec,
+    },
+    /// Start `entity` on the first of `candidates` that is up, as every node sees the
+    /// same membership: one start while the cluster is healthy.
+    Failover {
+        /// The entity (declared on every candidate, usually `autostart = false`).
+        entity: String,
+        /// The nodes that may run it, in order of preference.
+        candidates: Vec<String>,
+    },
 }
 
 impl ActionKind {
@@ -421,6 +469,9 @@ impl ActionKind {
             ActionKind::Waitfor { .. } => "waitfor",
             ActionKind::HeartbeatHealthy => "heartbeat-healthy",
             ActionKind::Log { .. } => "log",
+            ActionKind::RemoteRestart { .. } => "remote-restart",
+            ActionKind::RemoteExecute { .. } => "remote-execute",
+            ActionKind::Failover { .. } => "failover",
         }
     }
 }
@@ -432,6 +483,25 @@ pub enum SignalTarget {
     Pid(i32),
     /// The current process of the named entity (this one if empty).
     Entity(String),
+}
+
+/// Checks a mesh node's name: a DNS label (1–63 lowercase letters, digits and '-',
+/// not at either end), as in its certificate.
+pub fn validate_node_name(here: &str, name: &str) -> Result<(), EngineError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::invalid(format!(
+            "{here}: {name:?} is not a node name (lowercase letters, digits and '-')"
+        )))
+    }
 }
 
 /// Checks a name: 1–64 characters of `[A-Za-z0-9._-]`, `@` excluded (it names nodes).
@@ -462,6 +532,7 @@ impl EntitySpec {
             restart_policy: RestartPolicy::default(),
             stop: StopSpec::default(),
             conditions: Vec::new(),
+            autostart: true,
         }
     }
 
@@ -639,6 +710,23 @@ impl ActionSpec {
                 return Err(EngineError::invalid(format!(
                     "{here}: log level {level} is not 0..3"
                 )));
+            }
+            ActionKind::RemoteRestart { node, entity } => {
+                validate_node_name(&here, node)?;
+                validate_name("entity", entity)?;
+            }
+            ActionKind::RemoteExecute { node, command } => {
+                validate_node_name(&here, node)?;
+                command.validate(&here)?;
+            }
+            ActionKind::Failover { entity, candidates } => {
+                validate_name("entity", entity)?;
+                if candidates.is_empty() {
+                    return Err(EngineError::invalid(format!("{here}: no candidates")));
+                }
+                for c in candidates {
+                    validate_node_name(&here, c)?;
+                }
             }
             ActionKind::Notify { .. } | ActionKind::HeartbeatHealthy | ActionKind::Log { .. } => {}
         }

@@ -69,6 +69,7 @@ pub fn entity(d: pb::EntityDef) -> Result<EntitySpec, Status> {
         }
     };
     let mut spec = EntitySpec::new(d.name, kind);
+    spec.autostart = d.autostart.unwrap_or(true);
     spec.heartbeat = heartbeat(d.heartbeat);
     if let Some(p) = d.restart_policy {
         spec.restart_policy = RestartPolicy {
@@ -121,6 +122,7 @@ pub fn condition(c: pb::ConditionDef) -> Result<ConditionSpec, Status> {
     spec.min_severity = c.min_severity;
     spec.from_state = (!c.from_state.is_empty()).then_some(c.from_state);
     spec.to_state = (!c.to_state.is_empty()).then_some(c.to_state);
+    spec.node = (!c.node.is_empty()).then_some(c.node);
     Ok(spec)
 }
 
@@ -161,6 +163,18 @@ pub fn action(a: pb::ActionDef) -> Result<ActionSpec, Status> {
             timeout_ms: w.timeout_ms,
         },
         Some(Kind::HeartbeatHealthy(_)) => ActionKind::HeartbeatHealthy,
+        Some(Kind::RemoteRestart(r)) => ActionKind::RemoteRestart {
+            node: r.node,
+            entity: r.entity,
+        },
+        Some(Kind::RemoteExecute(r)) => ActionKind::RemoteExecute {
+            node: r.node,
+            command: command(r.command.unwrap_or_default()),
+        },
+        Some(Kind::Failover(f)) => ActionKind::Failover {
+            entity: f.entity,
+            candidates: f.candidates,
+        },
         Some(Kind::Log(l)) => ActionKind::Log {
             message: l.message,
             level: l.level.min(255) as u8,
@@ -215,6 +229,7 @@ pub fn entity_out(s: &EntitySpec) -> pb::EntityDef {
         stop_signal: s.stop.signal,
         stop_timeout_ms: s.stop.timeout_ms,
         conditions: s.conditions.iter().map(condition_out).collect(),
+        autostart: Some(s.autostart),
     }
 }
 
@@ -229,6 +244,7 @@ fn condition_out(c: &ConditionSpec) -> pb::ConditionDef {
         from_state: c.from_state.clone().unwrap_or_default(),
         to_state: c.to_state.clone().unwrap_or_default(),
         actions: c.actions.iter().map(action_out).collect(),
+        node: c.node.clone().unwrap_or_default(),
     }
 }
 
@@ -252,6 +268,22 @@ fn action_out(a: &ActionSpec) -> pb::ActionDef {
                 timeout_ms: *timeout_ms,
             }),
             ActionKind::HeartbeatHealthy => Kind::HeartbeatHealthy(pb::Empty {}),
+            ActionKind::RemoteRestart { node, entity } => {
+                Kind::RemoteRestart(pb::RemoteRestartDef {
+                    node: node.clone(),
+                    entity: entity.clone(),
+                })
+            }
+            ActionKind::RemoteExecute { node, command } => {
+                Kind::RemoteExecute(pb::RemoteExecuteDef {
+                    node: node.clone(),
+                    command: Some(command_out(command)),
+                })
+            }
+            ActionKind::Failover { entity, candidates } => Kind::Failover(pb::FailoverDef {
+                entity: entity.clone(),
+                candidates: candidates.clone(),
+            }),
             ActionKind::Log { message, level } => Kind::Log(pb::LogDef {
                 message: message.clone(),
                 level: u32::from(*level),

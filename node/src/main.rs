@@ -1,10 +1,14 @@
 //! `hamd`: the ham daemon. Runs in the foreground (systemd-friendly), keeps its state
 //! in shared memory, and serves the control API on a Unix socket.
 
+mod cluster;
 mod convert;
+mod fanout;
+mod forward;
 mod node;
 mod pair;
 mod process;
+mod remote;
 mod service;
 mod time;
 mod watch;
@@ -17,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
 use tracing_subscriber::{EnvFilter, prelude::*, reload};
 
 /// The ham daemon: a HAM monitoring entities and running their recovery.
@@ -47,6 +52,9 @@ struct Args {
     /// Delete the state store first and start fresh from the config.
     #[arg(long)]
     discard_state: bool,
+    /// Mesh settings.
+    #[command(flatten)]
+    mesh: cluster::MeshFlags,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -213,6 +221,7 @@ struct Settings {
     socket: PathBuf,
     paths: NodePaths,
     capacity: u32,
+    mesh: Option<cluster::MeshFlags>,
 }
 
 fn settings(args: &Args, cfg: Option<&ham_core::config::Config>) -> anyhow::Result<Settings> {
@@ -233,7 +242,13 @@ fn settings(args: &Args, cfg: Option<&ham_core::config::Config>) -> anyhow::Resu
         "{}.beats",
         state.display().to_string().trim_end_matches(".state")
     ));
+    let mesh = args.mesh.resolve(cfg.map(|c| &c.mesh))?;
+    if mesh.is_some() {
+        ham_overlay::NodeName::new(name.clone())
+            .context("a mesh node's name must be a DNS label (set --name)")?;
+    }
     Ok(Settings {
+        mesh,
         name,
         capacity: args.capacity.or(node.capacity).unwrap_or(16_384),
         paths: NodePaths {
@@ -267,6 +282,9 @@ fn guardian_command(args: &Args, s: &Settings) -> anyhow::Result<pair::GuardianC
     if let Some(c) = &args.config {
         a.push("--config".into());
         a.push(c.display().to_string());
+    }
+    if let Some(m) = &s.mesh {
+        a.extend(m.to_args());
     }
     Ok(pair::GuardianCommand {
         exe: std::env::current_exe().context("cannot find the hamd executable")?,
@@ -348,6 +366,16 @@ async fn run(
     // The Guardian is started by the node loop, so a takeover answers requests first.
     node.start_pair(&s.socket, control_dup, guardian_command(&args, &s)?)?;
 
+    // The mesh starts before serving, so that the first answers can already reach
+    // other nodes; its task runs beside the node loop.
+    let mesh = match &s.mesh {
+        Some(m) => {
+            let (mesh, members, streams) = cluster::start(m.config(&name)?).await?;
+            node.set_mesh(mesh.clone());
+            Some((mesh, members, streams))
+        }
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<Msg>(1024);
     let verbose: service::VerboseHook = Arc::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| format!("bad log level {level:?}: {e}"))?;
@@ -360,6 +388,27 @@ async fn run(
         s.paths.beats.clone(),
         verbose,
     );
+    let svc = svc.with_mesh(mesh.as_ref().map(|(m, _, _)| m.clone()));
+    let forward = forward::ForwardLayer {
+        me: name.clone(),
+        mesh: mesh.as_ref().map(|(m, _, _)| m.clone()),
+    };
+    let mesh_handle = mesh.as_ref().map(|(m, _, _)| m.clone());
+    if let Some((_, members, streams)) = mesh {
+        cluster::forward_members(members, tx.clone());
+        // Other nodes call this node's API over mesh streams: the same service.
+        let incoming =
+            tokio_stream::wrappers::ReceiverStream::new(streams).map(Ok::<_, std::io::Error>);
+        let server = tonic::transport::Server::builder()
+            .layer(forward.clone())
+            .add_service(ham_proto::ham_server::HamServer::new(svc.clone()))
+            .serve_with_incoming(incoming);
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!("the mesh API stopped: {e}");
+            }
+        });
+    }
     let node_task = tokio::spawn(node.run(rx));
 
     // SIGTERM and SIGINT stop hamd the way `ham stop` does: entities keep running.
@@ -390,6 +439,7 @@ async fn run(
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(forward)
         .add_service(ham_proto::ham_server::HamServer::new(svc))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = node_task.await;
@@ -404,6 +454,9 @@ async fn run(
             let _ = stopped_rx.await;
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         } => tracing::debug!("closing the connections still open"),
+    }
+    if let Some(m) = mesh_handle {
+        m.shutdown().await;
     }
     let _ = std::fs::remove_file(&s.socket);
     tracing::info!("hamd stopped");

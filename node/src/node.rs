@@ -9,7 +9,7 @@ use crate::watch::Watcher;
 use guardian::pair::HandedProcess;
 use guardian::shm::{BeatTable, Store, StoreParams, Txn};
 use ham_core::engine::state::ExitStatus;
-use ham_core::engine::{Command, EntityStatus, Persist, SignalDest, Step};
+use ham_core::engine::{Command, EntityStatus, Persist, RemoteOp, SignalDest, Step};
 use ham_core::error::EngineError;
 use ham_core::spec::EntitySpec;
 use ham_core::{BeatProbe, Engine, EntityId, Event, EventSeq, Input, Reply, Request};
@@ -47,6 +47,8 @@ pub enum Msg {
         /// Where the subscription goes.
         reply: oneshot::Sender<Subscription>,
     },
+    /// A mesh member changed state.
+    Member(ham_overlay::MeshEvent),
     /// Stop the node.
     Shutdown {
         /// Stop every entity's process first.
@@ -179,6 +181,8 @@ pub struct Node {
     handed: HashMap<u32, HandedProcess>,
     /// When this process's takeover finished (monotonic ns) and how long it took (µs).
     takeover: Option<(u64, u64)>,
+    /// The mesh, if this node runs one.
+    mesh: Option<ham_overlay::Mesh>,
 }
 
 /// What `open` found in the store.
@@ -251,10 +255,16 @@ impl Node {
                 pair_rx,
                 handed,
                 takeover: None,
+                mesh: None,
             },
             adopted,
             created,
         })
+    }
+
+    /// Gives the node its mesh (for remote actions and failover).
+    pub fn set_mesh(&mut self, mesh: ham_overlay::Mesh) {
+        self.mesh = Some(mesh);
     }
 
     /// Records that this process's takeover finished; `noticed` is when the HAM's death
@@ -457,6 +467,26 @@ impl Node {
             }
             Msg::Subscribe { from_seq, reply } => {
                 let _ = reply.send(self.subscribe(from_seq));
+            }
+            Msg::Member(e) => {
+                use ham_overlay::MemberState;
+                let step = match e.state {
+                    MemberState::Suspect => self.engine.note(
+                        now(),
+                        ham_core::EventKind::NodeSuspect,
+                        format!("node {} ({})", e.node, e.addr),
+                    ),
+                    state => self.engine.handle_input(
+                        now(),
+                        Input::Node {
+                            node: e.node.to_string(),
+                            up: state == MemberState::Up,
+                            addr: e.addr,
+                        },
+                    ),
+                };
+                self.apply(step);
+                self.drain_immediate();
             }
             Msg::Shutdown { .. } => unreachable!("handled in run"),
         }
@@ -698,6 +728,12 @@ impl Node {
                     });
                 });
             }
+            Command::Remote {
+                entity,
+                run,
+                step,
+                op,
+            } => self.remote(entity, run, step, op),
             Command::Log {
                 level,
                 entity,
@@ -712,6 +748,51 @@ impl Node {
             Command::ReleaseBeatSlot { entity } => self.beats.release(entity.0),
             Command::Beat { entity } => self.beats.beat(entity.0),
         }
+    }
+
+    /// Carries out an action on the mesh and reports its outcome.
+    fn remote(&mut self, entity: EntityId, run: ham_core::RunId, step: u64, op: RemoteOp) {
+        let report = move |outcome| Input::ActionDone {
+            entity,
+            run,
+            step,
+            outcome,
+        };
+        // A failover that lands here is a local start, done at once.
+        let op = match op {
+            RemoteOp::Failover {
+                entity: what,
+                candidates,
+            } => match crate::remote::place(&self.name, self.mesh.as_ref(), &candidates) {
+                Err(e) => {
+                    self.immediate.push_back(report(Err(e)));
+                    return;
+                }
+                Ok(chosen) if chosen == self.name => {
+                    let outcome = match self.request(Request::Start { name: what.clone() }) {
+                        Ok(_) => Ok(format!("started {what} here")),
+                        Err(e) if e.to_string().contains("already") => {
+                            Ok(format!("{what} runs here already"))
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    self.immediate.push_back(report(outcome));
+                    return;
+                }
+                Ok(chosen) => crate::remote::Call::Start {
+                    node: chosen,
+                    entity: what,
+                },
+            },
+            RemoteOp::Restart { node, entity } => crate::remote::Call::Restart { node, entity },
+            RemoteOp::Execute { node, command } => crate::remote::Call::Execute { node, command },
+        };
+        let tx = self.inputs_tx.clone();
+        let mesh = self.mesh.clone();
+        tokio::spawn(async move {
+            let outcome = crate::remote::call(mesh.as_ref(), op).await;
+            let _ = tx.send(report(outcome));
+        });
     }
 
     fn unwatch(&mut self, entity: EntityId) {

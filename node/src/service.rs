@@ -24,6 +24,7 @@ pub type VerboseHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 #[derive(Clone)]
 pub struct HamService {
     node: String,
+    mesh: Option<ham_overlay::Mesh>,
     tx: mpsc::Sender<Msg>,
     config: Option<PathBuf>,
     beat_file: PathBuf,
@@ -41,11 +42,23 @@ impl HamService {
     ) -> HamService {
         HamService {
             node,
+            mesh: None,
             tx,
             config,
             beat_file,
             verbose,
         }
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// The same service, with the mesh for `nodes` and cluster subscriptions.
+    pub fn with_mesh(mut self, mesh: Option<ham_overlay::Mesh>) -> HamService {
+        self.mesh = mesh;
+        self
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
@@ -94,7 +107,8 @@ pub fn preflight(spec: &EntitySpec) -> Result<Option<ham_core::ProcessRef>, Stat
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+/// A stream of events for a subscriber.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Ham for HamService {
@@ -339,9 +353,23 @@ impl Ham for HamService {
         r: Req<pb::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = r.into_inner();
+        if r.nodes == "all" {
+            return Ok(Response::new(crate::fanout::cluster_stream(
+                self.clone(),
+                self.mesh.clone(),
+                r,
+            )));
+        }
+        if !r.nodes.is_empty() && r.nodes != self.node {
+            return Err(Status::invalid_argument(format!(
+                "nodes = {:?}: give \"all\", or call node {} through the ham-node metadata (ham --node {})",
+                r.nodes, r.nodes, r.nodes
+            )));
+        }
         let filter = EventFilter {
             entities: r.entities,
             kinds: r.kinds,
+            topic: r.topic,
         };
         let sub = self
             .ask(|reply| Msg::Subscribe {
@@ -365,6 +393,78 @@ impl Ham for HamService {
         })
         .await?;
         Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn nodes(&self, _: Req<pb::NodesRequest>) -> Result<Response<pb::NodesReply>, Status> {
+        let Some(mesh) = &self.mesh else {
+            return Ok(Response::new(pb::NodesReply {
+                node: self.node.clone(),
+                mesh: false,
+                nodes: vec![pb::NodeInfo {
+                    name: self.node.clone(),
+                    state: "up".into(),
+                    is_self: true,
+                    ..Default::default()
+                }],
+            }));
+        };
+        let nodes = mesh
+            .members()
+            .await
+            .into_iter()
+            .map(|m| pb::NodeInfo {
+                name: m.name.to_string(),
+                state: m.state.as_str().into(),
+                addr: m.addr,
+                rtt_us: m.rtt.map(|d| d.as_micros() as u64),
+                last_contact_ms: m.last_contact.map(|d| d.as_millis() as u64),
+                is_self: m.is_self,
+            })
+            .collect();
+        Ok(Response::new(pb::NodesReply {
+            node: self.node.clone(),
+            mesh: true,
+            nodes,
+        }))
+    }
+
+    async fn execute(
+        &self,
+        r: Req<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteReply>, Status> {
+        let r = r.into_inner();
+        let spec = convert::command(
+            r.command
+                .ok_or_else(|| Status::invalid_argument("execute needs a command"))?,
+        );
+        spec.validate("execute")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        process::check_runnable(&spec).map_err(Status::invalid_argument)?;
+        let timeout = std::time::Duration::from_millis(if r.timeout_ms == 0 {
+            30_000
+        } else {
+            r.timeout_ms
+        });
+        let mut cmd = tokio::process::Command::from(process::command(&spec, &[]));
+        cmd.kill_on_drop(true);
+        let reply = match tokio::time::timeout(timeout, cmd.status()).await {
+            Ok(Ok(st)) => match st.code() {
+                Some(c) => pb::ExecuteReply {
+                    exit_code: c,
+                    detail: format!("exit code {c}"),
+                },
+                None => pb::ExecuteReply {
+                    exit_code: -1,
+                    detail: "killed by a signal".into(),
+                },
+            },
+            Ok(Err(e)) => return Err(Status::failed_precondition(format!("cannot run: {e}"))),
+            Err(_) => pb::ExecuteReply {
+                exit_code: -1,
+                detail: format!("still running after {timeout:?}: killed"),
+            },
+        };
+        Ok(Response::new(reply))
     }
 
     async fn set_verbose(
@@ -401,7 +501,12 @@ pub fn load_config_request(path: &std::path::Path) -> Result<Request, String> {
 
 /// The replayed events, a gap event if some are gone, then live events (with a gap
 /// event whenever this subscriber fell too far behind to keep up).
-fn event_stream(node: String, filter: EventFilter, sub: Subscription, follow: bool) -> EventStream {
+pub fn event_stream(
+    node: String,
+    filter: EventFilter,
+    sub: Subscription,
+    follow: bool,
+) -> EventStream {
     let Subscription {
         backlog,
         gap,
@@ -421,7 +526,9 @@ fn event_stream(node: String, filter: EventFilter, sub: Subscription, follow: bo
             let mut last = 0;
             for e in backlog {
                 last = e.seq.0;
-                if filter.matches(&e) && tx.send(Ok(convert::event_out(&node, &e))).await.is_err() {
+                if filter.matches(&node, &e)
+                    && tx.send(Ok(convert::event_out(&node, &e))).await.is_err()
+                {
                     return;
                 }
             }
@@ -435,7 +542,7 @@ fn event_stream(node: String, filter: EventFilter, sub: Subscription, follow: bo
                             continue; // already sent from the backlog
                         }
                         last = e.seq.0;
-                        if filter.matches(&e)
+                        if filter.matches(&node, &e)
                             && tx.send(Ok(convert::event_out(&node, &e))).await.is_err()
                         {
                             return;

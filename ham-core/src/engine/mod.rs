@@ -44,6 +44,15 @@ pub enum Input {
         /// How it ended.
         status: ExitStatus,
     },
+    /// A mesh node changed state: fires `node-down` / `node-up` conditions.
+    Node {
+        /// The node's name.
+        node: String,
+        /// Up (true) or down (false).
+        up: bool,
+        /// Where it listens, for the event's detail.
+        addr: String,
+    },
     /// A dispatched action (execute, signal, waitfor) finished.
     ActionDone {
         /// The entity.
@@ -264,6 +273,17 @@ pub enum Command {
         /// Monotonic deadline.
         deadline_ms: u64,
     },
+    /// Carry out an action on the mesh; report [`Input::ActionDone`].
+    Remote {
+        /// The entity whose condition runs it.
+        entity: EntityId,
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: u64,
+        /// What to do.
+        op: RemoteOp,
+    },
     /// Write a line to the HAM's log.
     Log {
         /// 0 error, 1 warn, 2 info, 3 debug.
@@ -289,6 +309,32 @@ pub enum Command {
     Beat {
         /// The entity (= the slot).
         entity: EntityId,
+    },
+}
+
+/// An action that needs the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteOp {
+    /// Restart `entity` on `node`.
+    Restart {
+        /// The node.
+        node: String,
+        /// The entity there.
+        entity: String,
+    },
+    /// Run `command` on `node`.
+    Execute {
+        /// The node.
+        node: String,
+        /// The command.
+        command: CommandSpec,
+    },
+    /// Start `entity` on the first live node of `candidates`.
+    Failover {
+        /// The entity.
+        entity: String,
+        /// The nodes, in order of preference.
+        candidates: Vec<String>,
     },
 }
 
@@ -635,8 +681,39 @@ impl Engine {
                 step,
                 outcome,
             } => self.on_action_done(entity, run, step, outcome),
+            Input::Node { node, up, addr } => self.on_node(node, up, addr),
         }
         self.finish()
+    }
+
+    /// A mesh node went down or came up: one event, then the matching conditions of
+    /// every entity fire.
+    fn on_node(&mut self, node: String, up: bool, addr: String) {
+        let kind = if up {
+            ConditionKind::NodeUp
+        } else {
+            ConditionKind::NodeDown
+        };
+        let detail = format!("node {node} ({addr})");
+        let watchers: Vec<EntityId> = self
+            .entities
+            .values()
+            .filter(|r| r.spec.conditions.iter().any(|c| c.kind == kind))
+            .map(|r| r.id)
+            .collect();
+        if watchers.is_empty() {
+            self.emit("", kind.as_str(), detail);
+            return;
+        }
+        for id in watchers {
+            self.fire(
+                id,
+                kind,
+                detail.clone(),
+                Occurrence::Node { node: node.clone() },
+            );
+            self.drive(id);
+        }
     }
 
     /// Publishes a node-level event (the pair's life: a Guardian respawned …).
@@ -917,6 +994,7 @@ impl Engine {
             .filter(|(_, a)| !a.is_empty())
             .collect();
         let kind = spec.kind.clone();
+        let autostart = spec.autostart;
         self.entities.insert(
             id,
             EntityRecord {
@@ -940,7 +1018,12 @@ impl Engine {
             kind.label().to_string(),
         );
         match kind {
-            EntityKind::Started(_) => self.spawn(id, None, false),
+            EntityKind::Started(_) if autostart => self.spawn(id, None, false),
+            EntityKind::Started(_) => {
+                if let Some(rec) = self.entities.get_mut(&id) {
+                    rec.rt.phase = Phase::Stopped;
+                }
+            }
             EntityKind::Attached { .. } | EntityKind::SelfAttached { .. } => {
                 let proc = proc.expect("checked");
                 self.set_running(id, proc);
@@ -1592,6 +1675,7 @@ impl Engine {
 #[derive(Clone, Debug)]
 enum Occurrence {
     Plain,
+    Node { node: String },
     Raise { severity: u32 },
     State { from: String, to: String },
 }

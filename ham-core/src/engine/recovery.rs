@@ -7,7 +7,7 @@
 //! entity's slow recovery never holds up another's.
 
 use super::state::{AfterStop, Frame, Lane, Pending, Phase, Run, RunWait};
-use super::{Command, Engine, Occurrence, SignalDest};
+use super::{Command, Engine, Occurrence, RemoteOp, SignalDest};
 use crate::event::EventKind;
 use crate::ids::{EntityId, RunId};
 use crate::spec::{ActionKind, ActionSpec, ConditionKind, ConditionSpec, SignalTarget};
@@ -37,8 +37,9 @@ impl Engine {
             .spec
             .conditions
             .iter()
-            .filter(|c| c.kind == kind || c.kind == ConditionKind::Any)
+            .filter(|c| c.kind == kind || (c.kind == ConditionKind::Any && !kind.is_node_kind()))
             .filter(|c| match &occ {
+                Occurrence::Node { node } => c.node.as_ref().is_none_or(|n| n == node),
                 Occurrence::Raise { severity } => *severity >= c.min_severity,
                 Occurrence::State { from, to } => {
                     c.from_state.as_ref().is_none_or(|f| f == from)
@@ -281,7 +282,43 @@ impl Engine {
                 });
                 Started::Done(Ok("logged".into()))
             }
+            ActionKind::RemoteRestart { node, entity } => self.remote(
+                id,
+                run_id,
+                RemoteOp::Restart {
+                    node: node.clone(),
+                    entity: entity.clone(),
+                },
+            ),
+            ActionKind::RemoteExecute { node, command } => self.remote(
+                id,
+                run_id,
+                RemoteOp::Execute {
+                    node: node.clone(),
+                    command: command.clone(),
+                },
+            ),
+            ActionKind::Failover { entity, candidates } => self.remote(
+                id,
+                run_id,
+                RemoteOp::Failover {
+                    entity: entity.clone(),
+                    candidates: candidates.clone(),
+                },
+            ),
         }
+    }
+
+    /// Hands an action to the mesh; its outcome comes back as an action result.
+    fn remote(&mut self, id: EntityId, run_id: RunId, op: RemoteOp) -> Started {
+        let step = self.dispatch(id, run_id, Pending::Remote);
+        self.out.commands.push(Command::Remote {
+            entity: id,
+            run: run_id,
+            step,
+            op,
+        });
+        Started::Blocked
     }
 
     /// Marks the run as waiting for a dispatched command and returns the step number.
@@ -537,7 +574,7 @@ impl Engine {
                 Pending::Waitfor { .. } => {
                     self.on_action_done(id, run, step, Err("timed out".into()));
                 }
-                Pending::Execute | Pending::Signal => {
+                Pending::Execute | Pending::Signal | Pending::Remote => {
                     self.on_action_done(
                         id,
                         run,

@@ -291,6 +291,8 @@ pub enum Pending {
     Execute,
     /// A signal is being sent.
     Signal,
+    /// A request runs on another node (or a failover is being placed).
+    Remote,
     /// A path is awaited until the deadline.
     Waitfor {
         /// The path.
