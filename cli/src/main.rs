@@ -524,7 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .subscribe(Subscription {
                     entities: entity,
                     kinds: kind,
-                    from_seq: from.unwrap_or(if all_nodes { 0 } else { 1 }),
+                    from_seq: from.unwrap_or(1),
                     follow,
                     nodes: if all_nodes {
                         "all".into()

@@ -108,7 +108,7 @@ async fn follow_node(
         let mut r = req.clone();
         r.nodes = String::new();
         r.resume.clear();
-        r.from_seq = seen.map_or(0, |s| s + 1);
+        r.from_seq = seen.map_or(req.from_seq, |s| s + 1);
         let mut api = pb::ham_client::HamClient::new(channel);
         if let Ok(resp) = api.subscribe(r).await {
             pump(Box::pin(resp.into_inner()), tx, Some((node.as_str(), last))).await;

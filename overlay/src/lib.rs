@@ -12,7 +12,7 @@ pub mod identity;
 mod membership;
 mod mesh;
 mod name;
-mod wire;
+pub mod wire;
 
 pub use identity::{IdentityError, IdentityFiles, TlsIdentity};
 pub use membership::{MemberInfo, MemberState, SwimTuning};

@@ -147,13 +147,36 @@ pub struct Effects {
 
 /// Why foca refused input.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SwimError(String);
+#[error("{message}")]
+pub struct SwimError {
+    message: String,
+    malformed: bool,
+}
 
 impl SwimError {
+    fn malformed(message: String) -> SwimError {
+        SwimError {
+            message,
+            malformed: true,
+        }
+    }
+
     /// True if the input was malformed (a peer to disconnect), not merely stale.
     pub fn is_malformed(&self) -> bool {
-        self.0.contains("alformed") || self.0.contains("ecode")
+        self.malformed
+    }
+}
+
+impl From<foca::Error> for SwimError {
+    fn from(e: foca::Error) -> SwimError {
+        let malformed = matches!(
+            e,
+            foca::Error::Decode(_) | foca::Error::MalformedPacket | foca::Error::DataTooBig
+        );
+        SwimError {
+            message: e.to_string(),
+            malformed,
+        }
     }
 }
 
@@ -194,8 +217,8 @@ impl Membership {
     /// Feeds a datagram received from a peer.
     pub fn handle_data(&mut self, data: &[u8]) -> Result<Effects, SwimError> {
         if data.len() > MAX_PACKET {
-            return Err(SwimError(format!(
-                "malformed: datagram of {} bytes (at most {MAX_PACKET})",
+            return Err(SwimError::malformed(format!(
+                "datagram of {} bytes (at most {MAX_PACKET})",
                 data.len()
             )));
         }
@@ -249,7 +272,7 @@ impl Membership {
             }
         }
         fx.changes = self.refresh_view();
-        r.map(|()| fx).map_err(|e| SwimError(e.to_string()))
+        r.map(|()| fx).map_err(SwimError::from)
     }
 
     /// Recomputes the per-name view from foca's members (the newest identity of each

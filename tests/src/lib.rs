@@ -77,6 +77,8 @@ pub struct TestNode {
     pub state: PathBuf,
     /// The config file, if any.
     pub config: Option<PathBuf>,
+    /// Extra `hamd` flags (e.g. the mesh's).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     pids_seen: Vec<i32>,
 }
@@ -93,9 +95,19 @@ impl TestNode {
     }
 
     fn start_with(tag: &str, config: Option<&str>) -> TestNode {
-        let dir = Scratch::new(tag);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}-{n}", std::process::id());
+        Self::start_custom(tag, name, config, Vec::new())
+    }
+
+    /// Starts `hamd` named `name`, with an optional config and extra flags.
+    pub fn start_custom(
+        tag: &str,
+        name: String,
+        config: Option<&str>,
+        extra_args: Vec<String>,
+    ) -> TestNode {
+        let dir = Scratch::new(tag);
         let socket = dir.join("ham.sock");
         let state = PathBuf::from(format!("/dev/shm/ham-test-{name}.state"));
         let config = config.map(|text| {
@@ -109,6 +121,7 @@ impl TestNode {
             socket,
             state,
             config,
+            extra_args,
             child: None,
             pids_seen: Vec::new(),
         };
@@ -134,7 +147,23 @@ impl TestNode {
         if let Some(cfg) = &self.config {
             c.arg("--config").arg(cfg);
         }
+        c.args(&self.extra_args);
         c
+    }
+
+    /// SIGKILLs both the HAM and its Guardian: the node is gone, as when its machine
+    /// dies. Entity processes stay (they are cleaned up on drop).
+    pub fn kill_node(&mut self) {
+        let (ham, guardian, _) = self.pair();
+        kill(guardian, 9);
+        kill(ham, 9);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        wait_until("the node's processes exit", 10, || {
+            !alive(ham) && !alive(guardian)
+        });
     }
 
     /// (Re)starts `hamd` and waits until it answers; Err(stderr) if it exits first.

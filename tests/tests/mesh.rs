@@ -1,0 +1,430 @@
+//! The QUIC mesh between real `hamd` processes on 127.0.0.x, with real certificates:
+//! membership, `ham --node`, cross-node events, node failure and failover, and peers
+//! that must be refused.
+
+use ham_tests::{TestNode, Value, wait_until};
+use std::path::Path;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+static PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A mesh port of its own for each test (several tests run at once).
+fn port() -> u16 {
+    let base = 20_000 + (std::process::id() % 400) as u16 * 100;
+    base + PORT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A cluster CA and certificates for `names`, made with the real `ham cert`.
+fn certs(dir: &Path, names: &[&str]) {
+    let ham = ham_tests::bin("ham");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&ham)
+            .args(args)
+            .output()
+            .expect("ham runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let d = dir.to_str().expect("utf-8 path");
+    run(&["cert", "init-ca", "--dir", d]);
+    for n in names {
+        run(&["cert", "issue", n, "--dir", d]);
+    }
+}
+
+/// Starts node `name` on 127.0.0.`host`:`port`, joining through `seed`.
+fn node(
+    dir: &Path,
+    name: &str,
+    host: u8,
+    port: u16,
+    seed: Option<(u8, u16)>,
+    config: Option<&str>,
+) -> TestNode {
+    let p = |f: &str| dir.join(f).display().to_string();
+    let mut args = vec![
+        "--mesh-listen".to_string(),
+        format!("127.0.0.{host}:{port}"),
+        "--mesh-cert".into(),
+        p(&format!("{name}.crt")),
+        "--mesh-key".into(),
+        p(&format!("{name}.key")),
+        "--mesh-ca".into(),
+        p("ca.crt"),
+    ];
+    if let Some((h, pt)) = seed {
+        args.push("--mesh-seed".into());
+        args.push(format!("127.0.0.{h}:{pt}"));
+    }
+    TestNode::start_custom("mesh", name.to_string(), config, args)
+}
+
+fn states(n: &TestNode) -> Vec<(String, String)> {
+    let v: Value = serde_json::from_str(&n.ham(&["nodes", "--json"])).expect("json");
+    let mut out: Vec<(String, String)> = v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap_or("").to_string(),
+                m["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn all_up(n: &TestNode, names: &[&str]) -> bool {
+    let s = states(n);
+    names
+        .iter()
+        .all(|x| s.iter().any(|(name, st)| name == x && st == "up"))
+}
+
+/// Unique node names per test run (state files live in /dev/shm).
+fn names(tag: &str) -> [String; 3] {
+    let id = std::process::id();
+    [
+        format!("{tag}a{id}"),
+        format!("{tag}b{id}"),
+        format!("{tag}c{id}"),
+    ]
+}
+
+#[test]
+fn three_nodes_join_and_answer_for_each_other() {
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, c] = names("j");
+    certs(&certs_dir.path, &[&a, &b, &c]);
+    let port = port();
+    let na = node(&certs_dir.path, &a, 2, port, None, None);
+    let mut nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), None);
+    let nc = node(&certs_dir.path, &c, 4, port, Some((2, port)), None);
+    let all = [a.as_str(), b.as_str(), c.as_str()];
+    for n in [&na, &nb, &nc] {
+        wait_until("every node sees every other up", 10, || all_up(n, &all));
+    }
+
+    // `ham --node b …` does on b what `ham …` does there.
+    nb.ham(&["entity", "add", "web", "--restart", "--", "sleep", "300"]);
+    // Uptimes move on between the two calls; everything else must be equal.
+    let table = |out: String| {
+        let mut v: Value = serde_json::from_str(&out).expect("json");
+        for e in v["entities"].as_array_mut().into_iter().flatten() {
+            e["uptime_ms"] = Value::Null;
+        }
+        v
+    };
+    let local = table(nb.ham(&["status", "--json"]));
+    let remote = table(na.ham(&["--node", &b, "status", "--json"]));
+    assert_eq!(remote["node"], b.as_str());
+    assert_eq!(remote["entities"], local["entities"]);
+
+    // A restart on b, asked on a.
+    let before = nb.entity("web")["pid"].as_i64().expect("pid");
+    na.ham(&["--node", &b, "restart", "web"]);
+    let after = nb.wait_entity("web", "restarted", |e| {
+        e["pid"].as_i64().is_some_and(|p| p > 0 && p != before)
+    });
+    assert_eq!(after["state"], "running");
+
+    // Status codes travel end to end; an unknown node is a clean error.
+    let err = na.ham_fails(&["--node", &b, "restart", "nope"]);
+    assert!(err.contains("not found"), "{err}");
+    let err = na.ham_fails(&["--node", "nosuchnode", "status"]);
+    assert!(err.contains("not reachable"), "{err}");
+
+    // Events from every node, each node's in order.
+    let out = na.ham(&["--node", "all", "events", "--json"]);
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event"))
+        .collect();
+    let from_b: Vec<&Value> = events.iter().filter(|e| e["node"] == b.as_str()).collect();
+    let kinds: Vec<&str> = from_b
+        .iter()
+        .filter(|e| e["entity"] == "web")
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert!(kinds.starts_with(&["entity-added", "started"]), "{kinds:?}");
+    assert!(kinds.contains(&"restart"), "{kinds:?}");
+    let seqs: Vec<u64> = from_b
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "b's events in order: {seqs:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["node"] == c.as_str()),
+        "c's events too"
+    );
+}
+
+#[test]
+fn a_dead_node_is_detected_and_its_singleton_fails_over_exactly_once() {
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, c] = names("f");
+    certs(&certs_dir.path, &[&a, &b, &c]);
+    // `db` runs on c; a and b hold it stopped, and watch c.
+    let standby = format!(
+        r#"
+[[entity]]
+name = "db"
+command = ["sleep", "300"]
+autostart = false
+
+[[entity]]
+name = "watch"
+global = true
+[[entity.condition]]
+on = "node-down"
+node = "{c}"
+action = [{{ do = "failover", entity = "db", candidates = ["{a}", "{b}"] }}]
+"#
+    );
+    let primary = "[[entity]]\nname = \"db\"\ncommand = [\"sleep\", \"300\"]\n";
+    let port = port();
+    let mut na = node(&certs_dir.path, &a, 2, port, None, Some(&standby));
+    let mut nb = node(
+        &certs_dir.path,
+        &b,
+        3,
+        port,
+        Some((2, port)),
+        Some(&standby),
+    );
+    let mut nc = node(&certs_dir.path, &c, 4, port, Some((2, port)), Some(primary));
+    let all = [a.as_str(), b.as_str(), c.as_str()];
+    for n in [&na, &nb, &nc] {
+        wait_until("every node sees every other up", 10, || all_up(n, &all));
+    }
+    assert_eq!(na.entity("db")["state"], "stopped");
+    assert_eq!(nb.entity("db")["state"], "stopped");
+    let db_on_c = nc.entity("db")["pid"].as_i64().expect("pid") as i32;
+    nc.track(db_on_c);
+
+    let killed = Instant::now();
+    nc.kill_node();
+    wait_until("a and b see c down", 10, || {
+        states(&na).contains(&(c.clone(), "down".into()))
+            && states(&nb).contains(&(c.clone(), "down".into()))
+    });
+    let detected = killed.elapsed();
+    assert!(
+        detected < Duration::from_secs(3),
+        "node-down after {detected:?}"
+    );
+
+    // The first live candidate, a, starts db; b does not.
+    na.wait_entity("db", "failed over", |e| e["state"] == "running");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        nb.entity("db")["state"],
+        "stopped",
+        "db must not start twice"
+    );
+    let started = |n: &TestNode| {
+        n.events()
+            .iter()
+            .filter(|e| e["entity"] == "db" && e["kind"] == "started")
+            .count()
+    };
+    assert_eq!(
+        started(&na) + started(&nb),
+        1,
+        "exactly one start in the cluster"
+    );
+    for n in [&na, &nb] {
+        assert!(
+            n.kinds_of("watch").contains(&"node-down".to_string()),
+            "node-down fired on {}",
+            n.name
+        );
+    }
+
+    // c comes back (a new hamd adopts its state): node-up on the others.
+    nc.launch().expect("c restarts");
+    wait_until("a sees c up again", 10, || all_up(&na, &all));
+    na.wait_events("node-up of c", |ev| {
+        ev.iter()
+            .any(|e| e["kind"] == "node-up" && e["detail"].as_str().is_some_and(|d| d.contains(&c)))
+    });
+}
+
+/// Opens a raw QUIC connection to a node with the given client identity.
+async fn raw_connect(
+    identity: Option<&ham_overlay::TlsIdentity>,
+    ca_dir: &Path,
+    to: std::net::SocketAddr,
+) -> Result<quinn::Connection, String> {
+    let _ = ca_dir;
+    let crypto = match identity {
+        Some(id) => id.client_config().map_err(|e| e.to_string())?,
+        None => {
+            // No client certificate at all (and no check of the server's).
+            let mut c =
+                rustls::ClientConfig::builder_with_provider(ham_overlay::identity::provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .map_err(|e| e.to_string())?
+                    .dangerous()
+                    .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer))
+                    .with_no_client_auth();
+            c.alpn_protocols = vec![ham_overlay::identity::ALPN.to_vec()];
+            c
+        }
+    };
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(|e| e.to_string())?;
+    let mut ep =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).map_err(|e| e.to_string())?;
+    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    ep.connect(to, "ham-mesh")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sends a valid hello as `name`; returns the node's answer, or why there was none.
+async fn hello(conn: &quinn::Connection, name: &str) -> Result<ham_overlay::wire::Hello, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let h = ham_overlay::wire::Hello {
+        version: ham_overlay::wire::VERSION,
+        name: name.into(),
+        advertise: "127.0.0.1:1".into(),
+        incarnation: 1,
+    };
+    send.write_all(&h.encode())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        ham_overlay::wire::Hello::read(&mut recv),
+    )
+    .await
+    .map_err(|_| "no answer".to_string())?
+    .map_err(|e| e.to_string())
+}
+
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        ham_overlay::identity::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn load(dir: &Path, name: &str) -> ham_overlay::TlsIdentity {
+    ham_overlay::TlsIdentity::load(&ham_overlay::IdentityFiles {
+        cert: dir.join(format!("{name}.crt")),
+        key: dir.join(format!("{name}.key")),
+        ca: dir.join("ca.crt"),
+    })
+    .expect("identity loads")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_garbage_are_cut_off_while_the_mesh_carries_on() {
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let other_ca = ham_tests::Scratch::new("other-ca");
+    let [a, b, _] = names("g");
+    certs(&certs_dir.path, &[&a, &b, "evil", "liar"]);
+    certs(&other_ca.path, &[&b]);
+    let port = port();
+    let na = node(&certs_dir.path, &a, 2, port, None, None);
+    let nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), None);
+    wait_until("a and b up", 10, || all_up(&na, &[&a, &b]));
+    let target: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
+
+    // A certificate from another CA, even for a member's name: nothing but a close.
+    let outsider = load(&other_ca.path, &b);
+    if let Ok(conn) = raw_connect(Some(&outsider), &other_ca.path, target).await {
+        assert!(
+            hello(&conn, &b).await.is_err(),
+            "another CA's certificate was answered"
+        );
+    }
+    // No client certificate at all.
+    if let Ok(conn) = raw_connect(None, &certs_dir.path, target).await {
+        assert!(
+            hello(&conn, "anon").await.is_err(),
+            "a client without certificate was answered"
+        );
+    }
+    // A cluster certificate for another name than the one claimed.
+    let liar = load(&certs_dir.path, "liar");
+    let conn = raw_connect(Some(&liar), &certs_dir.path, target)
+        .await
+        .expect("handshake");
+    assert!(
+        hello(&conn, &b).await.is_err(),
+        "a peer claiming another's name was answered"
+    );
+
+    // A member in good standing that then sends garbage is cut off.
+    let evil = load(&certs_dir.path, "evil");
+    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
+        .await
+        .expect("handshake");
+    let answer = hello(&conn, "evil")
+        .await
+        .expect("a valid hello is answered");
+    assert_eq!(answer.name, a);
+    conn.send_datagram(vec![0xff; 200].into())
+        .expect("datagram sent");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "the garbage sender was not cut off");
+    // A stream with an unknown tag is cut off too.
+    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
+        .await
+        .expect("handshake");
+    hello(&conn, "evil").await.expect("answered");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    send.write_all(b"Xgarbage").await.expect("written");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "an unknown stream tag was not cut off");
+
+    // The others carry on.
+    let remote: Value =
+        serde_json::from_str(&na.ham(&["--node", &b, "status", "--json"])).expect("json");
+    assert_eq!(remote["node"], b.as_str());
+    assert!(all_up(&nb, &[&a, &b]));
+    assert!(!states(&na).iter().any(|(n, _)| n == "liar"));
+}
