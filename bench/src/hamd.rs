@@ -28,6 +28,8 @@ pub struct Hamd {
     /// Its control socket.
     pub socket: PathBuf,
     state: PathBuf,
+    log: PathBuf,
+    name: String,
     child: Option<Child>,
     ham: PathBuf,
     /// The runtime for client calls.
@@ -35,6 +37,21 @@ pub struct Hamd {
 }
 
 static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// How to start a `hamd` beyond what [`Hamd::start`] chooses by itself.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Its node name (a DNS label); also names its socket, config, log and store.
+    pub name: String,
+    /// Its config (TOML text, may be empty).
+    pub config: String,
+    /// Room for this many entities.
+    pub capacity: usize,
+    /// Added to its environment (and so its entities').
+    pub env: Vec<(String, String)>,
+    /// More flags, e.g. the mesh's.
+    pub args: Vec<String>,
+}
 
 impl Hamd {
     /// Starts `hamd` in `dir` with `config` (TOML text, may be empty), room for
@@ -48,59 +65,85 @@ impl Hamd {
         env: &[(String, String)],
     ) -> anyhow::Result<Hamd> {
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
-        let name = format!("bench{}-{n}", std::process::id());
+        let launch = Launch {
+            name: format!("bench{}-{n}", std::process::id()),
+            config: config.to_string(),
+            capacity,
+            env: env.to_vec(),
+            args: Vec::new(),
+        };
+        let mut h = Hamd::spawn(bins, dir, &launch)?;
+        h.wait_ready(Duration::from_secs(60))?;
+        Ok(h)
+    }
+
+    /// Starts `hamd` as `launch` says, without waiting for it (see
+    /// [`Hamd::wait_ready`]): several can then boot at once.
+    pub fn spawn(bins: &Bins, dir: &Scratch, launch: &Launch) -> anyhow::Result<Hamd> {
+        let name = &launch.name;
         let socket = dir.join(&format!("{name}.sock"));
         let state = PathBuf::from(format!("/dev/shm/ham-bench-{name}.state"));
         let _ = std::fs::remove_file(&state);
         let _ = std::fs::remove_file(state.with_extension("beats"));
         let cfg = dir.join(&format!("{name}.toml"));
-        std::fs::write(&cfg, config).with_context(|| format!("cannot write {}", cfg.display()))?;
-        let log = std::fs::File::create(dir.join(&format!("{name}.log")))?;
+        std::fs::write(&cfg, &launch.config)
+            .with_context(|| format!("cannot write {}", cfg.display()))?;
+        let log = dir.join(&format!("{name}.log"));
+        let log_file = std::fs::File::create(&log)?;
         let child = Command::new(bins.get("hamd"))
             .arg("--socket")
             .arg(&socket)
             .arg("--state")
             .arg(&state)
             .arg("--name")
-            .arg(&name)
+            .arg(name)
             .arg("--capacity")
-            .arg(capacity.to_string())
+            .arg(launch.capacity.to_string())
             .arg("--config")
             .arg(&cfg)
             .arg("--log")
             .arg("error")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log_file)
             .spawn()
             .with_context(|| format!("cannot start {}", bins.get("hamd").display()))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let mut h = Hamd {
+        Ok(Hamd {
             socket,
             state,
+            log,
+            name: name.clone(),
             child: Some(child),
             ham: bins.get("ham"),
             rt,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while h.client().is_err() {
-            if let Some(c) = h.child.as_mut()
+        })
+    }
+
+    /// Waits until it answers on its socket, up to `timeout`; an error (with its log)
+    /// if it exits first.
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.client().is_err() {
+            if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
                 bail!(
-                    "hamd exited at start ({status}): {}",
-                    std::fs::read_to_string(dir.join(&format!("{name}.log"))).unwrap_or_default()
+                    "hamd {} exited at start ({status}): {}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
             if Instant::now() > deadline {
-                bail!("hamd did not come up within 60 s");
+                bail!("hamd {} did not come up within {timeout:?}", self.name);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(h)
+        Ok(())
     }
 
     /// A fresh client connection.

@@ -8,14 +8,22 @@
 //!
 //! Layout: `sut` (the supervisors under test, one trait), `scenarios` (one module per
 //! scenario), `stats` (median, p99, ratio), `report` (table, machine, BENCHMARKS.md),
-//! `hamd` (a private hamd), `sys` (clock, signals, /proc, FIFOs).
+//! `hamd` (a private hamd), `sys` (clock, signals, /proc, FIFOs); for the mesh:
+//! `cluster` (hamd nodes meshed on loopback), `tap` (a timestamping event
+//! subscriber), `nats` (nats-server and a minimal client), `net` (addresses, ports),
+//! `load` (busy CPUs).
 
+mod cluster;
 mod hamd;
+mod load;
+mod nats;
+mod net;
 mod report;
 mod scenarios;
 mod stats;
 mod sut;
 mod sys;
+mod tap;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -23,7 +31,7 @@ use hamd::Bins;
 use report::Row;
 use scenarios::Ctx;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The exact command of a full run.
 const FULL_COMMAND: &str = "cargo run --release -p ham-bench -- all";
@@ -41,6 +49,15 @@ struct Args {
     /// Where hamd, ham and ham-bench-child are (default: beside this executable).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Only these peers (by package: s6, runit, supervisor, nats-server), e.g.
+    /// `--peers s6,runit` to profile without supervisord's 1 s restarts. A full `all`
+    /// uses every peer.
+    #[arg(long, value_delimiter = ',')]
+    peers: Option<Vec<String>>,
+    /// How long `node-soak` keeps its mesh running under load, in minutes (default:
+    /// 10, or 5 s with --quick).
+    #[arg(long)]
+    soak_minutes: Option<f64>,
     /// Where a full run of `all` writes its report.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"))]
     out: PathBuf,
@@ -60,14 +77,36 @@ enum Scenario {
     Heartbeat,
     /// HAM → Guardian takeover.
     Takeover,
+    /// Every mesh scenario below.
+    Mesh,
+    /// Cross-node event latency and throughput, beside nats-server.
+    MeshEvents,
+    /// Node failure → `node-down` at another node.
+    NodeDown,
+    /// False `node-down`/`node-suspect` events of a mesh left running under CPU load.
+    NodeSoak,
+    /// A 16-node mesh: time to full membership, memory per peer.
+    MeshScale,
 }
 
-const EVERY: [Scenario; 5] = [
+/// The mesh scenarios, in order.
+const MESH: [Scenario; 4] = [
+    Scenario::MeshEvents,
+    Scenario::NodeDown,
+    Scenario::NodeSoak,
+    Scenario::MeshScale,
+];
+
+const EVERY: [Scenario; 9] = [
     Scenario::Restart,
     Scenario::Footprint,
     Scenario::Lateness,
     Scenario::Heartbeat,
     Scenario::Takeover,
+    Scenario::MeshEvents,
+    Scenario::NodeDown,
+    Scenario::NodeSoak,
+    Scenario::MeshScale,
 ];
 
 /// Under `cargo run`, builds `hamd` and `ham` in the same profile first, so the one
@@ -113,24 +152,47 @@ fn main() -> anyhow::Result<()> {
     let what: Vec<Scenario> = if all {
         EVERY.to_vec()
     } else {
-        args.what.clone()
+        let mut w = Vec::new();
+        for &s in &args.what {
+            let group = if s == Scenario::Mesh { &MESH[..] } else { &[s] };
+            for &g in group {
+                if !w.contains(&g) {
+                    w.push(g);
+                }
+            }
+        }
+        w
     };
     let needs_peers = what
         .iter()
         .any(|s| matches!(s, Scenario::Restart | Scenario::Footprint));
-    let peers = if needs_peers {
+    let mut peers = if needs_peers {
         sut::available_peers(!args.quick)
     } else {
         Vec::new()
+    };
+    if let Some(only) = &args.peers {
+        peers.retain(|k| {
+            k.package()
+                .is_some_and(|(p, _)| only.iter().any(|o| o == p))
+        });
+    }
+    let soak = match args.soak_minutes {
+        Some(m) if m.is_finite() && m > 0.0 => Duration::from_secs_f64(m * 60.0),
+        Some(m) => anyhow::bail!("--soak-minutes {m}: give a positive number"),
+        None if args.quick => Duration::from_secs(5),
+        None => Duration::from_secs(600),
     };
     let ctx = Ctx {
         bins,
         quick: args.quick,
         peers,
+        only_peers: args.peers.clone(),
+        soak,
     };
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    for s in what {
+    for &s in &what {
         eprintln!("== {s:?}");
         let t = Instant::now();
         let r = match s {
@@ -139,7 +201,11 @@ fn main() -> anyhow::Result<()> {
             Scenario::Lateness => scenarios::lateness::run(&ctx),
             Scenario::Heartbeat => scenarios::heartbeat::run(&ctx),
             Scenario::Takeover => scenarios::takeover::run(&ctx),
-            Scenario::All => unreachable!("expanded above"),
+            Scenario::MeshEvents => scenarios::mesh_events::run(&ctx),
+            Scenario::NodeDown => scenarios::node_down::run(&ctx),
+            Scenario::NodeSoak => scenarios::node_soak::run(&ctx),
+            Scenario::MeshScale => scenarios::mesh_scale::run(&ctx),
+            Scenario::All | Scenario::Mesh => unreachable!("expanded above"),
         }
         .with_context(|| format!("scenario {s:?}"))?;
         eprintln!("   done in {:.1} s", t.elapsed().as_secs_f64());
@@ -156,11 +222,17 @@ fn main() -> anyhow::Result<()> {
         .chain(&ctx.peers)
         .map(|k| format!("- {}\n", k.pacing()))
         .collect();
+    let mesh = if what.iter().any(|s| MESH.contains(s)) {
+        format!("{}\n\n", scenarios::mesh_events::SETUP)
+    } else {
+        String::new()
+    };
     let body = format!(
         "Command: `{FULL_COMMAND}` (this run: `{}`, {:.0} s).\n\n\
          Machine:\n{}\n\
          {table}\n\
          {}\
+         {mesh}\
          Restart pacing and configuration of each supervisor:\n{pacing}",
         std::env::args().collect::<Vec<_>>().join(" "),
         started.elapsed().as_secs_f64(),
@@ -172,7 +244,7 @@ fn main() -> anyhow::Result<()> {
         },
     );
     println!("{body}");
-    if all && !args.quick {
+    if all && !args.quick && args.peers.is_none() {
         report::write_markdown(&args.out, &body)?;
         eprintln!("wrote {}", args.out.display());
     }

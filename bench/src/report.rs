@@ -11,10 +11,14 @@ use std::path::Path;
 pub enum Unit {
     /// Nanoseconds, printed as ns, µs, ms or s.
     Ns,
-    /// Kibibytes, printed as MiB.
+    /// Kibibytes, printed as MiB (as KiB below 1 MiB).
     KiB,
     /// A percentage of one CPU.
     Percent,
+    /// Events per second.
+    PerSec,
+    /// A plain count.
+    Count,
 }
 
 /// One measured value: a median (or single value) and, for distributions, a p99.
@@ -71,8 +75,13 @@ pub struct Row {
 fn fmt(unit: Unit, v: f64) -> String {
     match unit {
         Unit::Ns => fmt_ns(v),
+        Unit::KiB if v.abs() < 1024.0 => format!("{v:.0} KiB"),
         Unit::KiB => format!("{:.1} MiB", v / 1024.0),
         Unit::Percent => format!("{v:.2} %"),
+        Unit::PerSec if v >= 1e6 => format!("{:.2} M/s", v / 1e6),
+        Unit::PerSec if v >= 1e3 => format!("{:.1} k/s", v / 1e3),
+        Unit::PerSec => format!("{v:.0} /s"),
+        Unit::Count => format!("{v:.0}"),
     }
 }
 
@@ -140,6 +149,7 @@ pub fn machine() -> String {
             "s6",
             "runit",
             "supervisor",
+            "nats-server",
         ])
         .output()
         .ok()

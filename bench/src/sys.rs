@@ -145,6 +145,8 @@ pub struct Mem {
     pub shmem: u64,
     /// Pss.
     pub pss: u64,
+    /// Private_Clean + Private_Dirty (USS): what the process alone costs.
+    pub uss: u64,
 }
 
 impl Mem {
@@ -164,6 +166,7 @@ impl Mem {
             rss: field(&status, "VmRSS:"),
             shmem: field(&status, "RssShmem:"),
             pss: field(&rollup, "Pss:"),
+            uss: field(&rollup, "Private_Clean:") + field(&rollup, "Private_Dirty:"),
         }
     }
 
@@ -175,6 +178,7 @@ impl Mem {
                 rss: a.rss + b.rss,
                 shmem: a.shmem + b.shmem,
                 pss: a.pss + b.pss,
+                uss: a.uss + b.uss,
             })
     }
 }
@@ -311,4 +315,37 @@ impl FifoReader {
 /// The clock ticks per second of `/proc/PID/stat` times.
 pub fn ticks_per_second() -> f64 {
     rustix::param::clock_ticks_per_second() as f64
+}
+
+/// The CPU that some processes use over a stretch of time.
+pub struct CpuWatch {
+    procs: Vec<(&'static str, i32)>,
+    start: Vec<u64>,
+    t0: Instant,
+}
+
+impl CpuWatch {
+    /// Starts watching `procs` (a name for the report, a PID).
+    pub fn start(procs: &[(&'static str, i32)]) -> CpuWatch {
+        CpuWatch {
+            procs: procs.to_vec(),
+            start: procs.iter().map(|&(_, p)| cpu_ticks(&[p])).collect(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// The seconds elapsed since the start, and the CPU seconds each process used.
+    pub fn stop(&self) -> (f64, Vec<(&'static str, f64)>) {
+        let wall = self.t0.elapsed().as_secs_f64();
+        let used = self
+            .procs
+            .iter()
+            .zip(&self.start)
+            .map(|(&(name, pid), &s)| {
+                let ticks = cpu_ticks(&[pid]).saturating_sub(s);
+                (name, ticks as f64 / ticks_per_second())
+            })
+            .collect();
+        (wall, used)
+    }
 }

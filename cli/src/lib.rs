@@ -456,8 +456,12 @@ impl Client {
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(e) => {
+                            // A cluster subscription resumes per node (the resume
+                            // map); `next` is for a single node's stream only.
                             if e.seq > 0 {
-                                next = e.seq + 1;
+                                if !all {
+                                    next = e.seq + 1;
+                                }
                                 resume.insert(e.node.clone(), e.seq + 1);
                             }
                             if tx.send(Ok(e)).await.is_err() {

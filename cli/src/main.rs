@@ -187,6 +187,14 @@ enum EntityCmd {
         /// The entity's name.
         name: String,
     },
+    /// Watch an entity of another mesh node from here: its events there fire this
+    /// entity's conditions here (add them with `ham condition add`).
+    Remote {
+        /// The entity's name here.
+        name: String,
+        /// The entity there, as ENTITY@NODE (e.g. web@b).
+        target: String,
+    },
     /// Remove an entity (stops a started entity's process unless --keep-running).
     Rm {
         /// The entity.
@@ -602,6 +610,19 @@ async fn entity(client: &mut Client, cmd: EntityCmd) -> anyhow::Result<()> {
                 add_entity,
                 pb::AddEntityRequest {
                     entity: Some(entity_def(name, opts, kind)),
+                }
+            )
+        }
+        EntityCmd::Remote { name, target } => {
+            call!(
+                client,
+                add_entity,
+                pb::AddEntityRequest {
+                    entity: Some(pb::EntityDef {
+                        name,
+                        kind: Some(pb::entity_def::Kind::Remote(target)),
+                        ..Default::default()
+                    }),
                 }
             )
         }

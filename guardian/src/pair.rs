@@ -244,6 +244,8 @@ pub enum Wake {
     Stop,
     /// The HAM is gone: take over.
     HamDied,
+    /// Nothing happened within the timeout given to [`GuardianEnd::wait`].
+    Idle,
 }
 
 fn bad(what: &str) -> io::Error {
@@ -278,8 +280,17 @@ impl GuardianEnd {
     /// Blocks, keeping the handed pidfds up to date, until the HAM asks it to stop or
     /// dies. Signals do not wake it: only the HAM can stop its Guardian. `died`, if
     /// given, is one more descriptor whose readability means the HAM is gone (the
-    /// store's lock was granted to this Guardian).
-    pub fn wait(&mut self, died: Option<BorrowedFd<'_>>) -> Wake {
+    /// store's lock was granted to this Guardian). With a `timeout`, returns
+    /// [`Wake::Idle`] when that much time passed with nothing to do.
+    pub fn wait(
+        &mut self,
+        died: Option<BorrowedFd<'_>>,
+        timeout: Option<std::time::Duration>,
+    ) -> Wake {
+        let timeout = timeout.map(|t| rustix::time::Timespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
         loop {
             let mut fds = vec![
                 PollFd::new(&self.stream, PollFlags::IN),
@@ -288,7 +299,8 @@ impl GuardianEnd {
             if let Some(d) = &died {
                 fds.push(PollFd::new(d, PollFlags::IN));
             }
-            match poll(&mut fds, None) {
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(0) if timeout.is_some() => return Wake::Idle,
                 Ok(_) => {}
                 Err(Errno::INTR) => continue,
                 Err(_) => return Wake::HamDied,
@@ -396,7 +408,7 @@ mod tests {
             // The received descriptor is the same listening socket.
             let l = UnixListener::from(end.control_listener.try_clone().expect("dup"));
             let addr = l.local_addr().expect("addr");
-            let wake = end.wait(None);
+            let wake = end.wait(None, None);
             let hello = end.hello;
             let (_, handed, _) = end.into_takeover();
             (
@@ -457,8 +469,11 @@ mod tests {
             .expect("child");
         let path = pair.path().to_path_buf();
         let child_pid = child.id() as i32;
-        let guardian =
-            std::thread::spawn(move || GuardianEnd::connect(&path).expect("connects").wait(None));
+        let guardian = std::thread::spawn(move || {
+            GuardianEnd::connect(&path)
+                .expect("connects")
+                .wait(None, None)
+        });
         let ham = pair
             .accept_guardian(
                 Duration::from_secs(5),

@@ -1,7 +1,7 @@
 //! The store against real files in /dev/shm: round trips against a model, torn
 //! writes, a writer SIGKILLed mid-commit, refusal of untrustworthy files, heartbeats.
 
-use guardian::shm::{BeatTable, Store, StoreError, StoreParams, Txn};
+use guardian::shm::{BeatTable, CopyKey, Peeker, Store, StoreError, StoreParams, Txn};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -110,6 +110,59 @@ fn check(path: &std::path::Path, model: &Model) -> Store {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// A warm Guardian's copy (peeked, unlocked, while the HAM commits) plus what the
+    /// locked takeover re-reads equals the committed state, whatever came after the
+    /// peek: more commits, deletions, a torn transaction.
+    #[test]
+    fn a_warm_copy_plus_the_locked_delta_equals_the_committed_state(
+        before in proptest::collection::vec(proptest::collection::vec(op(), 0..6), 1..8),
+        after in proptest::collection::vec(proptest::collection::vec(op(), 0..6), 0..8),
+        torn in proptest::collection::vec(op(), 1..6),
+        stop_after in 0usize..6,
+    ) {
+        let f = ShmFile::new("warm");
+        let mut store = Store::create(&f.0, small()).expect("creates");
+        let mut model = Model::default();
+        let mut seq = 0;
+        let commit = |ops: &[Op], store: &mut Store, model: &mut Model, seq: &mut u64| {
+            let mut txn = Txn::new();
+            apply(model, ops, seq, &mut txn);
+            store.commit(&txn).expect("commits");
+        };
+        for ops in &before {
+            commit(ops, &mut store, &mut model, &mut seq);
+        }
+        let peeker = Peeker::open(&f.0).expect("peeks without the lock");
+        let peek = peeker.peek(|_, _| false);
+        prop_assert_eq!(peek.present.len(), model.entities.len());
+        let mut warm: BTreeMap<u32, (CopyKey, Vec<u8>)> =
+            peek.changed.into_iter().map(|(s, k, b)| (s, (k, b))).collect();
+        for ops in &after {
+            commit(ops, &mut store, &mut model, &mut seq);
+        }
+        // A second peek brings only what changed.
+        let again = peeker.peek(|s, k| warm.get(&s).is_some_and(|(w, _)| *w == k));
+        for (s, k, b) in again.changed {
+            warm.insert(s, (k, b));
+        }
+        warm.retain(|s, _| again.present.iter().any(|(p, _)| p == s));
+        prop_assert_eq!(
+            warm.iter().map(|(s, (_, b))| (*s, b.clone())).collect::<BTreeMap<_, _>>(),
+            model.entities.clone()
+        );
+        let mut torn_txn = Txn::new();
+        apply(&mut model.clone(), &torn, &mut seq.clone(), &mut torn_txn);
+        store.commit_torn(&torn_txn, stop_after, b"junk");
+        let locked = Store::wait_lock(&f.0).expect("locks");
+        let (_, rec) = Store::open_known(locked, &|s, k| warm.get(&s).is_some_and(|(w, _)| *w == k))
+            .expect("reads");
+        let mut got: BTreeMap<u32, Vec<u8>> = rec.entities.into_iter().collect();
+        for s in &rec.unchanged {
+            got.insert(*s, warm[s].1.clone());
+        }
+        prop_assert_eq!(got, model.entities);
+    }
 
     #[test]
     fn committed_transactions_round_trip_through_reopen(

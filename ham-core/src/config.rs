@@ -259,6 +259,7 @@ struct RawEntity {
     pid: Option<i32>,
     #[serde(default)]
     global: bool,
+    remote: Option<String>,
     heartbeat: Option<RawHeartbeat>,
     restart: Option<RawRestart>,
     stop_signal: Option<Sig>,
@@ -317,19 +318,39 @@ struct RawAction {
     on_fail: Vec<RawAction>,
 }
 
+/// `ENTITY@NODE` → a remote entity.
+pub fn parse_remote(text: &str) -> Result<EntityKind, String> {
+    match text.split_once('@') {
+        Some((entity, node)) if !entity.is_empty() && !node.is_empty() => Ok(EntityKind::Remote {
+            node: node.to_string(),
+            entity: entity.to_string(),
+        }),
+        _ => Err(format!("remote = {text:?} must be ENTITY@NODE (web@b)")),
+    }
+}
+
 impl RawEntity {
     fn into_spec(self) -> Result<EntitySpec, String> {
         let n = &self.name;
-        let kind = match (self.command, self.pid, self.global) {
-            (Some(c), None, false) => EntityKind::Started(c.into_spec(self.env, self.cwd)),
-            (c, Some(pid), false) => EntityKind::Attached {
+        let kind = match (self.command, self.pid, self.global, self.remote) {
+            (Some(c), None, false, None) => EntityKind::Started(c.into_spec(self.env, self.cwd)),
+            (c, Some(pid), false, None) => EntityKind::Attached {
                 pid,
                 restart_command: c.map(|c| c.into_spec(self.env, self.cwd)),
             },
-            (None, None, true) => EntityKind::Global,
-            (None, None, false) => {
+            (None, None, true, None) => EntityKind::Global,
+            (None, None, false, Some(r)) => {
+                parse_remote(&r).map_err(|e| format!("entity {n}: {e}"))?
+            }
+            (None, None, false, None) => {
                 return Err(format!(
-                    "entity {n}: give a command to start it, a pid to attach it, or global = true"
+                    "entity {n}: give a command to start it, a pid to attach it, \
+                     global = true, or remote = \"ENTITY@NODE\""
+                ));
+            }
+            (_, _, _, Some(_)) => {
+                return Err(format!(
+                    "entity {n}: a remote entity has no command, pid or global"
                 ));
             }
             _ => return Err(format!("entity {n}: a global entity has no command or pid")),
@@ -656,5 +677,25 @@ action = [{ do = "notify", message = "sensor trouble" }]
         let text = "[[entity]]\nname = \"g\"\nglobal = true\nrestart = true\n";
         let e = parse("x.toml", text).unwrap_err();
         assert!(e.message.contains("no command to restart"), "{e}");
+    }
+
+    #[test]
+    fn a_remote_entity_names_an_entity_and_its_node() {
+        let text = "[[entity]]\nname = \"webb\"\nremote = \"web@b\"\n";
+        let c = parse("x.toml", text).expect("valid");
+        assert_eq!(
+            c.entities[0].kind,
+            EntityKind::Remote {
+                node: "b".into(),
+                entity: "web".into()
+            }
+        );
+        for bad in ["web", "@b", "web@", "web@no_such node"] {
+            let text = format!("[[entity]]\nname = \"x\"\nremote = \"{bad}\"\n");
+            assert!(parse("x.toml", &text).is_err(), "{bad} must be refused");
+        }
+        let both = "[[entity]]\nname = \"x\"\nremote = \"web@b\"\ncommand = \"true\"\n";
+        let e = parse("x.toml", both).unwrap_err();
+        assert!(e.message.contains("remote entity has no command"), "{e}");
     }
 }

@@ -55,6 +55,9 @@ pub enum EventKind {
     Pair,
     /// A mesh node missed its probes; the cluster is checking it.
     NodeSuspect,
+    /// A failover singleton was reconciled: a surplus copy stopped, or a lost one
+    /// started again (see [`crate::singleton`]).
+    Singleton,
 }
 
 impl EventKind {
@@ -75,6 +78,7 @@ impl EventKind {
             EventKind::Takeover => "takeover",
             EventKind::Pair => "pair",
             EventKind::NodeSuspect => "node-suspect",
+            EventKind::Singleton => "singleton",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod record;
+pub mod singleton;
 pub mod spec;
 
 pub use engine::{BeatProbe, Command, Engine, Input, Reply, Request, Resume, Step};

@@ -62,6 +62,16 @@ pub enum EntityKind {
     },
     /// A name with no process: a target for detector-raised conditions.
     Global,
+    /// An entity of another mesh node, watched from here: its events there (death,
+    /// restart, missed heartbeats, raised conditions, states) fire this entity's
+    /// conditions here, its node going down fires `death`, and a `restart` action
+    /// restarts it there.
+    Remote {
+        /// The node it lives on.
+        node: String,
+        /// Its name there.
+        entity: String,
+    },
 }
 
 impl EntityKind {
@@ -72,6 +82,7 @@ impl EntityKind {
             EntityKind::Attached { .. } => "attached",
             EntityKind::SelfAttached { .. } => "self",
             EntityKind::Global => "global",
+            EntityKind::Remote { .. } => "remote",
         }
     }
 
@@ -571,6 +582,10 @@ impl EntitySpec {
                 )));
             }
             EntityKind::SelfAttached { .. } | EntityKind::Global => {}
+            EntityKind::Remote { node, entity } => {
+                validate_node_name(&me, node)?;
+                validate_name("remote entity", entity)?;
+            }
         }
         if let Some(hb) = &self.heartbeat {
             if hb.period_ms < MIN_HEARTBEAT_MS {
@@ -674,7 +689,10 @@ impl ActionSpec {
                         "{here}: restart cannot be a fail action"
                     )));
                 }
-                if entity.kind.restart_command().is_none() {
+                // A remote entity is restarted by its own node.
+                if entity.kind.restart_command().is_none()
+                    && !matches!(entity.kind, EntityKind::Remote { .. })
+                {
                     return Err(EngineError::invalid(format!(
                         "{here}: the entity is {} and has no command to restart it with",
                         entity.kind.label()

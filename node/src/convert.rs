@@ -61,9 +61,11 @@ pub fn entity(d: pb::EntityDef) -> Result<EntitySpec, Status> {
             restart_command: a.restart_command.map(command),
         },
         Some(Kind::Global(true)) => EntityKind::Global,
+        Some(Kind::Remote(r)) => ham_core::config::parse_remote(&r)
+            .map_err(|e| invalid(format!("entity {}: {e}", d.name)))?,
         Some(Kind::Global(false)) | None => {
             return Err(invalid(format!(
-                "entity {}: give a command, a pid to attach, or global",
+                "entity {}: give a command, a pid to attach, global, or remote",
                 d.name
             )));
         }
@@ -214,6 +216,7 @@ pub fn entity_out(s: &EntitySpec) -> pb::EntityDef {
                 restart_command: None,
             }),
             EntityKind::Global => Kind::Global(true),
+            EntityKind::Remote { node, entity } => Kind::Remote(format!("{entity}@{node}")),
         }),
         heartbeat: s.heartbeat.map(|h| pb::HeartbeatDef {
             period_ms: h.period_ms,
@@ -338,6 +341,22 @@ pub fn gap_event(node: &str, from: u64, to: u64, time_ms: u64) -> pb::Event {
         entity: String::new(),
         kind: "gap".into(),
         detail: format!("events {from}..{to} are no longer available"),
+    }
+}
+
+/// The gap event of a subscriber who knew this node's events before its store was made
+/// afresh: the numbers started over, and it is given this store's events from 1.
+pub fn renumbered_event(node: &str, asked: u64, time_ms: u64) -> pb::Event {
+    pb::Event {
+        node: node.to_string(),
+        seq: 0,
+        time_ms,
+        entity: String::new(),
+        kind: "gap".into(),
+        detail: format!(
+            "event numbers started over (a new state store): events from {asked} of the \
+             previous store are gone; this store's events follow from 1"
+        ),
     }
 }
 

@@ -9,8 +9,11 @@ mod node;
 mod pair;
 mod process;
 mod remote;
+mod remote_watch;
 mod service;
+mod singleton;
 mod time;
+mod warm;
 mod watch;
 
 use anyhow::Context;
@@ -68,7 +71,12 @@ type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 fn init_logging(args: &Args) -> FilterHandle {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&args.log));
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: journald, docker logs and files get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     let registry = tracing_subscriber::registry().with(filter);
     match args.log_format {
         LogFormat::Text => registry.with(fmt).init(),
@@ -169,7 +177,14 @@ struct Takeover {
     watch_set: Option<std::os::fd::OwnedFd>,
     /// The store, locked and read.
     store: Option<(guardian::shm::Store, guardian::shm::Recovered)>,
+    /// How long after `noticed` the store was read.
+    store_ready: std::time::Duration,
+    /// The records the Guardian decoded while it waited.
+    warm: Option<warm::Warm>,
 }
+
+/// How often a waiting Guardian catches up with the HAM's committed state.
+const WARM_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The Guardian: waits (no runtime, no threads) until its HAM asks it to stop or dies;
 /// then becomes the HAM.
@@ -181,36 +196,76 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
     // waits for it from the start, and the kernel grants it the moment the dying HAM's
     // store descriptor closes (its first, before thousands of pidfds).
     let state = settings(&args, None)?.paths.state;
+    // A warm copy of the HAM's state, decoded beside the wait (a HAM dying meanwhile
+    // must not wait for it: the takeover then reads the store cold) and kept current
+    // while waiting, so a takeover decodes only what changed since the last look.
+    let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut warming = Some(std::thread::spawn({
+        let (state, abandon) = (state.clone(), abandon.clone());
+        move || warm::Warm::open(&state, &abandon)
+    }));
+    let mut warm: Option<warm::Warm> = None;
     let granted = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
     let signal = granted.try_clone()?;
+    let lock_path = state.clone();
     let locker = std::thread::spawn(move || {
-        let store = guardian::shm::Store::open_blocking(&state);
+        let locked = guardian::shm::Store::wait_lock(&lock_path);
         let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
-        store
+        locked
     });
-    match end.wait(Some(std::os::fd::AsFd::as_fd(&granted))) {
-        guardian::pair::Wake::Stop => {
-            tracing::debug!("Guardian stopping at the HAM's request");
-            // The locker thread still waits for the lock: exiting ends it.
-            std::process::exit(0);
-        }
-        guardian::pair::Wake::HamDied => {
-            let noticed = std::time::Instant::now();
-            let ham_pid = end.hello.ham_pid;
-            tracing::warn!("the HAM (pid {ham_pid}) died: the Guardian takes over");
-            let store = locker
-                .join()
-                .map_err(|_| anyhow::anyhow!("the store lock thread panicked"))??;
-            let (listener, handed, watch_set) = end.into_takeover();
-            let takeover = Takeover {
-                watch_set: Some(watch_set),
-                listener,
-                ham_pid,
-                noticed,
-                handed,
-                store: Some(store),
-            };
-            block_on(run(args, filter, Some(takeover)))
+    loop {
+        let period = (warming.is_some() || warm.is_some()).then_some(WARM_REFRESH);
+        match end.wait(Some(std::os::fd::AsFd::as_fd(&granted)), period) {
+            guardian::pair::Wake::Idle => {
+                if warming.as_ref().is_some_and(|t| t.is_finished()) {
+                    match warming.take().map(std::thread::JoinHandle::join) {
+                        Some(Ok(Ok(w))) => warm = Some(w),
+                        Some(Ok(Err(e))) => {
+                            tracing::warn!("the Guardian keeps no warm copy of the state: {e}")
+                        }
+                        _ => tracing::warn!("the Guardian's warm copy failed"),
+                    }
+                }
+                if let Some(w) = warm.as_mut() {
+                    w.refresh();
+                }
+            }
+            guardian::pair::Wake::Stop => {
+                tracing::debug!("Guardian stopping at the HAM's request");
+                // The locker thread still waits for the lock: exiting ends it.
+                std::process::exit(0);
+            }
+            guardian::pair::Wake::HamDied => {
+                let noticed = std::time::Instant::now();
+                // A copy still being made is of no use now.
+                abandon.store(true, std::sync::atomic::Ordering::Relaxed);
+                let ham_pid = end.hello.ham_pid;
+                tracing::warn!("the HAM (pid {ham_pid}) died: the Guardian takes over");
+                let locked = locker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the store lock thread panicked"))??;
+                let known = |slot, key| warm.as_ref().is_some_and(|w| w.knows(slot, key));
+                let store = guardian::shm::Store::open_known(locked, &known)?;
+                tracing::debug!(
+                    warm = warm.as_ref().map_or(0, warm::Warm::len),
+                    unchanged = store.1.unchanged.len(),
+                    read = store.1.entities.len(),
+                    "store read under the lock"
+                );
+                let store_ready = noticed.elapsed();
+                let (listener, handed, watch_set) = end.into_takeover();
+                let takeover = Takeover {
+                    store_ready,
+                    watch_set: Some(watch_set),
+                    listener,
+                    ham_pid,
+                    noticed,
+                    handed,
+                    store: Some(store),
+                    warm,
+                };
+                return block_on(run(args, filter, Some(takeover)));
+            }
         }
     }
 }
@@ -336,16 +391,33 @@ async fn run(
         .map(|t| (std::mem::take(&mut t.handed), t.watch_set.take()))
         .unwrap_or_default();
     let store = takeover.as_mut().and_then(|t| t.store.take());
-    let opened = Node::open(name.clone(), s.paths.clone(), s.capacity, store, handed)?;
+    let warm = takeover.as_mut().and_then(|t| t.warm.take());
+    let opening = std::time::Instant::now();
+    let opened = Node::open(
+        name.clone(),
+        s.paths.clone(),
+        s.capacity,
+        store,
+        warm,
+        handed,
+    )?;
     let mut node = opened.node;
     if let Some(t) = &takeover {
         let note = format!(
             "took over from HAM pid {} with {} entities",
             t.ham_pid, opened.adopted
         );
+        let resuming = std::time::Instant::now();
         node.resume(ham_core::Resume::Takeover, &note);
         node.takeover_done(t.noticed);
-        tracing::warn!(node = %name, "{note} in {} µs", t.noticed.elapsed().as_micros());
+        tracing::warn!(
+            node = %name,
+            store_us = t.store_ready.as_micros() as u64,
+            open_us = (resuming - opening).as_micros() as u64,
+            resume_us = resuming.elapsed().as_micros() as u64,
+            "{note} in {} µs",
+            t.noticed.elapsed().as_micros()
+        );
     } else if opened.created {
         tracing::info!(node = %name, state = %s.paths.state.display(), "created a new state store");
     } else {
@@ -368,10 +440,11 @@ async fn run(
 
     // The mesh starts before serving, so that the first answers can already reach
     // other nodes; its task runs beside the node loop.
+    let singleton_hints = Arc::new(singleton::Hints::default());
     let mesh = match &s.mesh {
         Some(m) => {
             let (mesh, members, streams) = cluster::start(m.config(&name)?).await?;
-            node.set_mesh(mesh.clone());
+            node.set_mesh(mesh.clone(), singleton_hints.clone());
             Some((mesh, members, streams))
         }
         None => None,
@@ -394,8 +467,10 @@ async fn run(
         mesh: mesh.as_ref().map(|(m, _, _)| m.clone()),
     };
     let mesh_handle = mesh.as_ref().map(|(m, _, _)| m.clone());
-    if let Some((_, members, streams)) = mesh {
+    if let Some((mesh, members, streams)) = mesh {
         cluster::forward_members(members, tx.clone());
+        singleton::spawn(name.clone(), mesh.clone(), tx.clone(), singleton_hints);
+        remote_watch::spawn(mesh, tx.clone());
         // Other nodes call this node's API over mesh streams: the same service.
         let incoming =
             tokio_stream::wrappers::ReceiverStream::new(streams).map(Ok::<_, std::io::Error>);

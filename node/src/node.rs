@@ -49,6 +49,27 @@ pub enum Msg {
     },
     /// A mesh member changed state.
     Member(ham_overlay::MeshEvent),
+    /// The failover singletons the entities declare now.
+    Singletons {
+        /// Where they go.
+        reply: oneshot::Sender<Vec<ham_core::singleton::Singleton>>,
+    },
+    /// The entities of other nodes that remote entities here watch.
+    RemoteTargets {
+        /// Where they go.
+        reply: oneshot::Sender<std::collections::BTreeSet<crate::remote_watch::Target>>,
+    },
+    /// An event of a watched entity on another node.
+    Remote(Input),
+    /// Publish an event about an entity (the singleton reconciler's decisions).
+    Note {
+        /// The entity.
+        entity: String,
+        /// The event's kind.
+        kind: ham_core::EventKind,
+        /// What happened.
+        detail: String,
+    },
     /// Stop the node.
     Shutdown {
         /// Stop every entity's process first.
@@ -132,6 +153,10 @@ pub struct Subscription {
     pub backlog: Vec<Arc<Event>>,
     /// `(from, to)`: requested events no longer available.
     pub gap: Option<(u64, u64)>,
+    /// The subscriber asked for a number this store never reached: it knew this node
+    /// before its store was made afresh (a new container, `--discard-state`). The
+    /// numbers started over; it gets everything of this store, after a `gap`.
+    pub renumbered: Option<u64>,
     /// Events published from now on.
     pub live: broadcast::Receiver<Arc<Event>>,
 }
@@ -183,6 +208,8 @@ pub struct Node {
     takeover: Option<(u64, u64)>,
     /// The mesh, if this node runs one.
     mesh: Option<ham_overlay::Mesh>,
+    /// What the singleton reconciler needs to hear (with a mesh only).
+    singleton_hints: Option<Arc<crate::singleton::Hints>>,
 }
 
 /// What `open` found in the store.
@@ -203,6 +230,7 @@ impl Node {
         paths: NodePaths,
         capacity: u32,
         opened: Option<(Store, guardian::shm::Recovered)>,
+        warm: Option<crate::warm::Warm>,
         (handed, watch_set): (HashMap<u32, HandedProcess>, Option<std::os::fd::OwnedFd>),
     ) -> anyhow::Result<Opened> {
         let params = StoreParams {
@@ -217,8 +245,11 @@ impl Node {
         let capacity = store.params().entity_slots;
         let beats = BeatTable::open_or_create(&paths.beats, capacity + 1)?;
         let t_store = t0.elapsed();
-        let engine = Engine::restore(capacity, recovered.node.as_deref(), &recovered.entities)
-            .map_err(|e| anyhow::anyhow!("store {}: {e}", paths.state.display()))?;
+        let engine = match warm {
+            Some(w) => w.into_engine(&recovered),
+            None => Engine::restore(capacity, recovered.node.as_deref(), &recovered.entities),
+        }
+        .map_err(|e| anyhow::anyhow!("store {}: {e}", paths.state.display()))?;
         tracing::debug!(
             store_us = t_store.as_micros() as u64,
             restore_us = (t0.elapsed() - t_store).as_micros() as u64,
@@ -256,6 +287,7 @@ impl Node {
                 handed,
                 takeover: None,
                 mesh: None,
+                singleton_hints: None,
             },
             adopted,
             created,
@@ -263,8 +295,9 @@ impl Node {
     }
 
     /// Gives the node its mesh (for remote actions and failover).
-    pub fn set_mesh(&mut self, mesh: ham_overlay::Mesh) {
+    pub fn set_mesh(&mut self, mesh: ham_overlay::Mesh, hints: Arc<crate::singleton::Hints>) {
         self.mesh = Some(mesh);
+        self.singleton_hints = Some(hints);
     }
 
     /// Records that this process's takeover finished; `noticed` is when the HAM's death
@@ -352,7 +385,9 @@ impl Node {
                 } else {
                     let detail = format!("Guardian pid {pid} died; new Guardian pid {new}");
                     tracing::warn!("{detail}");
-                    let step = self.engine.note(now(), ham_core::EventKind::Pair, detail);
+                    let step = self
+                        .engine
+                        .note(now(), "", ham_core::EventKind::Pair, detail);
                     self.apply(step);
                 }
             }
@@ -454,25 +489,48 @@ impl Node {
                 });
             }
             Msg::Describe { name, reply } => {
-                let found = self.engine.entity(&name).map(|r| {
-                    let st = self
-                        .engine
-                        .status(now())
-                        .into_iter()
-                        .find(|s| s.name == name)
-                        .expect("entity exists");
-                    (st, r.spec.clone())
-                });
+                let found = self
+                    .engine
+                    .status_of_entity(&name, now())
+                    .zip(self.engine.entity(&name).map(|r| r.spec.clone()));
                 let _ = reply.send(found);
             }
             Msg::Subscribe { from_seq, reply } => {
                 let _ = reply.send(self.subscribe(from_seq));
             }
+            Msg::Singletons { reply } => {
+                let _ = reply.send(ham_core::singleton::singletons(
+                    self.engine.records().map(|r| &r.spec),
+                ));
+            }
+            Msg::RemoteTargets { reply } => {
+                let _ = reply.send(crate::remote_watch::targets(
+                    self.engine.records().map(|r| &r.spec),
+                ));
+            }
+            Msg::Remote(input) => {
+                let step = self.engine.handle_input(now(), input);
+                self.apply(step);
+                self.drain_immediate();
+            }
+            Msg::Note {
+                entity,
+                kind,
+                detail,
+            } => {
+                let step = self.engine.note(now(), &entity, kind, detail);
+                self.apply(step);
+                self.drain_immediate();
+            }
             Msg::Member(e) => {
+                if let Some(h) = &self.singleton_hints {
+                    h.membership_changed();
+                }
                 use ham_overlay::MemberState;
                 let step = match e.state {
                     MemberState::Suspect => self.engine.note(
                         now(),
+                        "",
                         ham_core::EventKind::NodeSuspect,
                         format!("node {} ({})", e.node, e.addr),
                     ),
@@ -518,13 +576,14 @@ impl Node {
             return Subscription {
                 backlog: Vec::new(),
                 gap: None,
+                renumbered: None,
                 live,
             };
         }
-        let oldest = self
-            .recent
-            .front()
-            .map_or(self.engine.next_event_seq().0, |e| e.seq.0);
+        let next = self.engine.next_event_seq().0;
+        let renumbered = (from_seq > next).then_some(from_seq);
+        let from_seq = if renumbered.is_some() { 1 } else { from_seq };
+        let oldest = self.recent.front().map_or(next, |e| e.seq.0);
         let gap = (from_seq < oldest).then(|| (from_seq, oldest - 1));
         let backlog = self
             .recent
@@ -532,7 +591,12 @@ impl Node {
             .filter(|e| e.seq.0 >= from_seq)
             .cloned()
             .collect();
-        Subscription { backlog, gap, live }
+        Subscription {
+            backlog,
+            gap,
+            renumbered,
+            live,
+        }
     }
 
     // ----- carrying out a step -------------------------------------------------
@@ -759,6 +823,9 @@ impl Node {
             outcome,
         };
         // A failover that lands here is a local start, done at once.
+        if let (RemoteOp::Failover { entity: what, .. }, Some(h)) = (&op, &self.singleton_hints) {
+            h.placed(what);
+        }
         let op = match op {
             RemoteOp::Failover {
                 entity: what,

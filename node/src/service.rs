@@ -103,7 +103,7 @@ pub fn preflight(spec: &EntitySpec) -> Result<Option<ham_core::ProcessRef>, Stat
                 Status::not_found(format!("entity {}: no process with pid {pid}", spec.name))
             })
         }
-        EntityKind::Global => Ok(None),
+        EntityKind::Global | EntityKind::Remote { .. } => Ok(None),
     }
 }
 
@@ -510,11 +510,20 @@ pub fn event_stream(
     let Subscription {
         backlog,
         gap,
+        renumbered,
         mut live,
     } = sub;
     let stream = async_stream(
         move |tx: mpsc::Sender<Result<pb::Event, Status>>| async move {
             let now_ms = crate::time::now().wall_ms;
+            if let Some(asked) = renumbered
+                && tx
+                    .send(Ok(convert::renumbered_event(&node, asked, now_ms)))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
             if let Some((from, to)) = gap
                 && tx
                     .send(Ok(convert::gap_event(&node, from, to, now_ms)))

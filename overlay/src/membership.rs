@@ -108,6 +108,17 @@ impl Default for SwimTuning {
 /// Largest SWIM packet: QUIC datagrams carry ~1160 bytes before path-MTU discovery.
 pub const MAX_PACKET: usize = 1100;
 
+/// A SWIM instance for `me` that knows no other member.
+fn swim(me: MeshId, tuning: SwimTuning) -> Swim {
+    let seed = me.incarnation ^ (me.name.as_str().len() as u64) << 32;
+    Foca::new(
+        me,
+        config(tuning),
+        StdRng::seed_from_u64(seed),
+        PostcardCodec,
+    )
+}
+
 fn config(t: SwimTuning) -> foca::Config {
     let mut c = foca::Config::simple();
     c.probe_period = t.probe_period;
@@ -139,8 +150,8 @@ fn config(t: SwimTuning) -> foca::Config {
 pub struct Effects {
     /// Datagrams to send.
     pub send: Vec<(MeshId, bytes::Bytes)>,
-    /// Timers to arm.
-    pub timers: Vec<(Duration, Timer<MeshId>)>,
+    /// Timers to arm; each comes back through [`Membership::handle_timer`].
+    pub timers: Vec<(Duration, SwimTimer)>,
     /// Members whose state changed, with the new state.
     pub changes: Vec<(MeshId, MemberState)>,
 }
@@ -180,26 +191,41 @@ impl From<foca::Error> for SwimError {
     }
 }
 
+/// A timer SWIM asked for, stamped with the SWIM instance that armed it (a timer of
+/// an instance replaced by [`Membership`]'s fresh start is ignored).
+#[derive(Debug)]
+pub struct SwimTimer {
+    epoch: u64,
+    timer: Timer<MeshId>,
+}
+
+type Swim = Foca<MeshId, PostcardCodec, StdRng, foca::NoCustomBroadcast>;
+
 /// The SWIM state machine with its view of each member.
+///
+/// A node that finds every other member down (it is alone, or on the small side of a
+/// partition) starts SWIM afresh under a newer incarnation and forgets what it
+/// believed about the others. Otherwise, once the partition heals, its stale
+/// "X is down" would spread to the healthy side and make every X briefly down there
+/// too (SWIM's down is final: X must rejoin), firing `node-down` for live nodes.
 pub struct Membership {
-    foca: Foca<MeshId, PostcardCodec, StdRng, foca::NoCustomBroadcast>,
+    foca: Swim,
     runtime: AccumulatingRuntime<MeshId>,
     view: BTreeMap<NodeName, (MeshId, MemberState)>,
+    tuning: SwimTuning,
+    /// Which SWIM instance this is (grows with every fresh start).
+    epoch: u64,
 }
 
 impl Membership {
     /// A membership of one: this node.
     pub fn new(me: MeshId, tuning: SwimTuning) -> Membership {
-        let seed = me.incarnation ^ (me.name.as_str().len() as u64) << 32;
         Membership {
-            foca: Foca::new(
-                me,
-                config(tuning),
-                StdRng::seed_from_u64(seed),
-                PostcardCodec,
-            ),
+            foca: swim(me, tuning),
             runtime: AccumulatingRuntime::new(),
             view: BTreeMap::new(),
+            tuning,
+            epoch: 0,
         }
     }
 
@@ -227,9 +253,20 @@ impl Membership {
     }
 
     /// Feeds a timer that fired.
-    pub fn handle_timer(&mut self, t: Timer<MeshId>) -> Result<Effects, SwimError> {
-        let r = self.foca.handle_timer(t, &mut self.runtime);
+    pub fn handle_timer(&mut self, t: SwimTimer) -> Result<Effects, SwimError> {
+        if t.epoch != self.epoch {
+            return Ok(Effects::default());
+        }
+        let r = self.foca.handle_timer(t.timer, &mut self.runtime);
         self.finish(r)
+    }
+
+    /// Members that are down: whom a node alone keeps announcing itself to.
+    pub fn down_members(&self) -> impl Iterator<Item = &MeshId> {
+        self.view
+            .values()
+            .filter(|(_, s)| *s == MemberState::Down)
+            .map(|(id, _)| id)
     }
 
     /// Leaves the cluster gracefully (others see this node down at once).
@@ -254,8 +291,9 @@ impl Membership {
         while let Some((to, data)) = self.runtime.to_send() {
             fx.send.push((to, data));
         }
-        while let Some((after, t)) = self.runtime.to_schedule() {
-            fx.timers.push((after, t));
+        while let Some((after, timer)) = self.runtime.to_schedule() {
+            let epoch = self.epoch;
+            fx.timers.push((after, SwimTimer { epoch, timer }));
         }
         while let Some(n) = self.runtime.to_notify() {
             match n {
@@ -272,13 +310,41 @@ impl Membership {
             }
         }
         fx.changes = self.refresh_view();
+        if self.foca.num_members() > 0 && self.view.values().all(|(_, s)| *s == MemberState::Down) {
+            // What this instance would still send carries its stale beliefs.
+            fx.send.clear();
+            fx.timers.clear();
+            self.start_afresh();
+        }
         r.map(|()| fx).map_err(SwimError::from)
+    }
+
+    /// Replaces SWIM by a fresh instance under a newer incarnation that knows no one;
+    /// the view keeps every member, down, until it is heard from again.
+    fn start_afresh(&mut self) {
+        let me = self.foca.identity();
+        let me = MeshId {
+            incarnation: me.incarnation + 1,
+            ..me.clone()
+        };
+        tracing::info!(
+            incarnation = me.incarnation,
+            "every other member is down: SWIM starts afresh, forgetting who it saw down"
+        );
+        self.foca = swim(me, self.tuning);
+        self.runtime = AccumulatingRuntime::new();
+        self.epoch += 1;
     }
 
     /// Recomputes the per-name view from foca's members (the newest identity of each
     /// name) and returns what changed.
     fn refresh_view(&mut self) -> Vec<(MeshId, MemberState)> {
-        let mut newest: BTreeMap<NodeName, (MeshId, MemberState)> = BTreeMap::new();
+        // A member a fresh SWIM does not know (yet) stays in the view, down.
+        let mut newest: BTreeMap<NodeName, (MeshId, MemberState)> = self
+            .view
+            .iter()
+            .map(|(name, (id, _))| (name.clone(), (id.clone(), MemberState::Down)))
+            .collect();
         for m in self.foca.iter_membership_state() {
             let state = match m.state() {
                 State::Alive => MemberState::Up,

@@ -8,7 +8,9 @@
 use crate::NodeName;
 use crate::grpc::MeshStream;
 use crate::identity::{IdentityError, IdentityFiles, TlsIdentity, verify_peer_name};
-use crate::membership::{Effects, MemberInfo, MemberState, Membership, MeshId, SwimTuning};
+use crate::membership::{
+    Effects, MemberInfo, MemberState, Membership, MeshId, SwimTimer, SwimTuning,
+};
 use crate::wire::{self, Hello, close};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -26,6 +28,8 @@ const PENDING_PER_PEER: usize = 32;
 /// Seeds are retried this often at first, doubling up to [`SEED_RETRY_MAX`].
 const SEED_RETRY_MIN: Duration = Duration::from_millis(250);
 const SEED_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A node alone announces itself to the members it saw before this often.
+const FORMER_ANNOUNCE_PERIOD: Duration = Duration::from_secs(1);
 /// A member is not redialled more often than this.
 const REDIAL_MIN: Duration = Duration::from_millis(200);
 
@@ -97,7 +101,7 @@ enum Cmd {
         data: Bytes,
     },
     /// A SWIM timer fired.
-    Timer(foca::Timer<MeshId>),
+    Timer(SwimTimer),
     /// Time to retry the seeds that have not answered.
     RetrySeeds,
     /// A dial ended without a connection.
@@ -229,6 +233,7 @@ impl Mesh {
             dialing: HashMap::new(),
             last_seen: HashMap::new(),
             seed_retry_armed: false,
+            former_announced: None,
         };
         tokio::spawn(task.run(cmd_rx));
         let _ = cmd_tx.send(Cmd::RetrySeeds);
@@ -572,6 +577,8 @@ struct MeshTask {
     dialing: HashMap<DialTarget, Instant>,
     last_seen: HashMap<NodeName, Instant>,
     seed_retry_armed: bool,
+    /// When a node alone last announced itself to its former members.
+    former_announced: Option<Instant>,
 }
 
 impl MeshTask {
@@ -689,6 +696,23 @@ impl MeshTask {
             self.arm_seed_retry();
             return;
         }
+        // Alone, SWIM starts afresh and knows no one: announce to every member seen
+        // before (once a second), as well as to the seeds.
+        let due = self
+            .former_announced
+            .is_none_or(|t| t.elapsed() >= FORMER_ANNOUNCE_PERIOD);
+        let former: Vec<MeshId> = if due {
+            self.former_announced = Some(Instant::now());
+            self.membership.down_members().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        for id in former {
+            match self.membership.announce(id) {
+                Ok(fx) => self.apply(fx),
+                Err(e) => tracing::debug!("announce: {e}"),
+            }
+        }
         if self.seeds.is_empty() {
             for (addr, _) in self.seed_names.drain() {
                 self.seeds.insert(addr, SEED_RETRY_MIN);
@@ -714,7 +738,7 @@ impl MeshTask {
     }
 
     fn arm_seed_retry(&mut self) {
-        if self.seed_retry_armed || (self.seeds.is_empty() && self.seed_names.is_empty()) {
+        if self.seed_retry_armed {
             return;
         }
         self.seed_retry_armed = true;

@@ -428,3 +428,259 @@ async fn strangers_and_garbage_are_cut_off_while_the_mesh_carries_on() {
     assert!(all_up(&nb, &[&a, &b]));
     assert!(!states(&na).iter().any(|(n, _)| n == "liar"));
 }
+
+#[test]
+fn a_failover_singleton_keeps_one_copy_and_is_restored_when_its_holder_dies() {
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, c] = names("s");
+    certs(&certs_dir.path, &[&a, &b, &c]);
+    // b and c both start db, as two sides of a healed partition would have; the
+    // failover that declares db a singleton (candidates b, then c) never fires.
+    let watch = format!(
+        r#"
+[[entity]]
+name = "watch"
+global = true
+[[entity.condition]]
+on = "node-down"
+node = "{a}"
+action = [{{ do = "failover", entity = "db", candidates = ["{b}", "{c}"] }}]
+"#
+    );
+    let holder = format!("[[entity]]\nname = \"db\"\ncommand = [\"sleep\", \"300\"]\n{watch}");
+    let port = port();
+    let na = node(&certs_dir.path, &a, 2, port, None, Some(&watch));
+    let mut nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), Some(&holder));
+    let mut nc = node(&certs_dir.path, &c, 4, port, Some((2, port)), Some(&holder));
+    let all = [a.as_str(), b.as_str(), c.as_str()];
+    for n in [&na, &nb, &nc] {
+        wait_until("every node sees every other up", 10, || all_up(n, &all));
+    }
+
+    // c ranks after b: it stops its copy; b keeps its own.
+    nc.wait_entity("db", "c's surplus copy stopped", |e| {
+        e["state"] == "stopped"
+    });
+    let on_b = nb.entity("db");
+    assert_eq!(on_b["state"], "running", "the best-ranked copy stays");
+    assert!(
+        nc.kinds_of("db").contains(&"singleton".to_string()),
+        "c says why it stopped db"
+    );
+    let db_on_b = on_b["pid"].as_i64().expect("pid") as i32;
+    nb.track(db_on_b);
+
+    // b dies with its copy. No condition watches b, yet db must run somewhere: on c,
+    // the only live candidate, started once.
+    nb.kill_node();
+    let restored = nc.wait_entity("db", "db restored on c", |e| e["state"] == "running");
+    assert!(restored["pid"].as_i64().is_some_and(|p| p > 0));
+    std::thread::sleep(Duration::from_millis(500));
+    let starts = nc
+        .events()
+        .iter()
+        .filter(|e| e["entity"] == "db" && e["kind"] == "started")
+        .count();
+    assert_eq!(starts, 2, "c started db at boot and once more on restore");
+}
+
+#[test]
+fn a_remote_entity_is_watched_and_restarted_across_the_mesh() {
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, _] = names("r");
+    certs(&certs_dir.path, &[&a, &b]);
+    // On b: web, restarted by b itself when it dies.
+    let on_b = "[[entity]]\nname = \"web\"\ncommand = [\"sleep\", \"300\"]\nrestart = true\n";
+    // On a: web@b watched as `webb`; its death is told, a raise there restarts it.
+    let on_a = format!(
+        r#"
+[[entity]]
+name = "webb"
+remote = "web@{b}"
+[[entity.condition]]
+on = "death"
+action = [{{ do = "notify", message = "web died on b" }}]
+[[entity.condition]]
+on = "raise"
+action = [{{ do = "restart" }}]
+"#
+    );
+    let port = port();
+    let na = node(&certs_dir.path, &a, 2, port, None, Some(&on_a));
+    let mut nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), Some(on_b));
+    for n in [&na, &nb] {
+        wait_until("a and b see each other up", 10, || {
+            all_up(n, &[a.as_str(), b.as_str()])
+        });
+    }
+    let mut na = na;
+    assert_eq!(na.entity("webb")["state"], "remote");
+    // The subscription from a to b is made within a second of the entity's addition.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // web dies on b: b restarts it; a's webb fires `death`.
+    let first = nb.entity("web")["pid"].as_i64().expect("pid") as i32;
+    nb.track(first);
+    unsafe_kill(first);
+    na.wait_events("death of web@b seen on a", |ev| {
+        ev.iter().any(|e| {
+            e["entity"] == "webb"
+                && e["kind"] == "death"
+                && e["detail"].as_str().is_some_and(|d| d.contains(&b))
+        }) && ev
+            .iter()
+            .any(|e| e["kind"] == "notify" && e["detail"] == "web died on b")
+    });
+    let second = nb.wait_entity("web", "restarted by b", |e| {
+        e["pid"]
+            .as_i64()
+            .is_some_and(|p| p > 0 && p != i64::from(first))
+    })["pid"]
+        .as_i64()
+        .expect("pid") as i32;
+    nb.track(second);
+
+    // A detector raises on b: a's condition restarts web on b, through the mesh.
+    nb.ham(&["raise", "web", "slow answers"]);
+    let third = nb.wait_entity("web", "restarted from a", |e| {
+        e["pid"]
+            .as_i64()
+            .is_some_and(|p| p > 0 && p != i64::from(second))
+    });
+    nb.track(third["pid"].as_i64().expect("pid") as i32);
+    assert!(
+        na.kinds_of("webb").contains(&"raise".to_string()),
+        "a saw the raise"
+    );
+
+    // b dies altogether: that is web@b's death too.
+    nb.kill_node();
+    na.wait_events("death of web@b when b is down", |ev| {
+        ev.iter().any(|e| {
+            e["entity"] == "webb"
+                && e["kind"] == "death"
+                && e["detail"].as_str().is_some_and(|d| d.contains("is down"))
+        })
+    });
+}
+
+fn unsafe_kill(pid: i32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -9 {pid}");
+}
+
+#[test]
+fn cluster_subscribers_resume_after_a_reconnect_and_are_told_of_gaps() {
+    use ham::Subscription;
+    use tokio_stream::StreamExt;
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, _] = names("e");
+    certs(&certs_dir.path, &[&a, &b]);
+    let port = port();
+    let g = "[[entity]]\nname = \"g\"\nglobal = true\n";
+    let mut na = node(&certs_dir.path, &a, 2, port, None, None);
+    let nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), Some(g));
+    for n in [&na, &nb] {
+        wait_until("a and b see each other up", 10, || {
+            all_up(n, &[a.as_str(), b.as_str()])
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut on_a = rt
+        .block_on(ham::Client::connect(&na.socket))
+        .expect("a answers");
+    let mut on_b = rt
+        .block_on(ham::Client::connect(&nb.socket))
+        .expect("b answers");
+    let sub = Subscription {
+        entities: vec!["g".into()],
+        kinds: vec!["raise".into(), "gap".into()],
+        follow: true,
+        nodes: "all".into(),
+        ..Subscription::default()
+    };
+    let mut events = rt.block_on(on_a.subscribe(sub)).expect("subscribes");
+    let mut next = |what: &str| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no event within 10 s"))
+                .expect("stream open")
+                .expect("an event")
+        })
+    };
+    // The subscription reaches b a moment after it is made.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut raise = |from: usize, to: usize| {
+        for i in from..to {
+            rt.block_on(on_b.raise("g", 0, &format!("r{i}")))
+                .expect("raise on b");
+        }
+    };
+    raise(0, 5);
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(next("before the takeover"));
+    }
+    // a's HAM dies: the stream breaks; b goes on publishing meanwhile; the client
+    // reconnects to a's new HAM and resumes after the last event it got from b.
+    na.kill_ham();
+    raise(5, 10);
+    for _ in 0..5 {
+        seen.push(next("after the takeover"));
+    }
+    let details: Vec<&str> = seen.iter().map(|e| e.detail.as_str()).collect();
+    let expected: Vec<String> = (0..10).map(|i| format!("severity 0: r{i}")).collect();
+    assert_eq!(details, expected, "every event once, in order, none lost");
+    assert!(seen.iter().all(|e| e.node == b && e.kind == "raise"));
+    assert!(seen.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    // A subscriber that comes back after b's replay buffer (4,096 events) moved on is
+    // told so explicitly, then gets what is still there.
+    let first = seen[0].seq;
+    raise(10, 4_300);
+    let mut api = rt
+        .block_on(ham::Client::connect(&na.socket))
+        .expect("a answers");
+    let req = ham::ham_proto::SubscribeRequest {
+        entities: vec!["g".into()],
+        nodes: "all".into(),
+        resume: [(b.clone(), first)].into_iter().collect(),
+        ..Default::default()
+    };
+    let replay: Vec<ham::ham_proto::Event> = rt.block_on(async {
+        let mut s = api
+            .api()
+            .subscribe(req)
+            .await
+            .expect("subscribes")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(5), s.message()).await
+        {
+            out.push(e);
+        }
+        out
+    });
+    let from_b: Vec<&ham::ham_proto::Event> = replay.iter().filter(|e| e.node == b).collect();
+    assert!(!from_b.is_empty(), "b's replay reached a");
+    assert_eq!(
+        from_b[0].kind, "gap",
+        "first comes the gap: {:?}",
+        from_b[0]
+    );
+    assert!(
+        from_b
+            .last()
+            .is_some_and(|e| e.detail == "severity 0: r4299"),
+        "and then the replay up to the last event: {:?}",
+        from_b.last()
+    );
+}

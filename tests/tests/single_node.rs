@@ -513,3 +513,42 @@ fn stop_with_kill_entities_stops_processes_and_removes_the_state() {
     wait_until("entity stopped", 5, || !alive(pid));
     assert!(!node.state.exists());
 }
+
+#[test]
+fn a_subscriber_from_before_a_fresh_store_gets_a_gap_then_everything() {
+    // A subscriber resuming at 1,000,000 knew this node before its store was made
+    // afresh (a new container): the numbers started over.
+    let node = TestNode::start("renumber");
+    node.ham(&["entity", "global", "g"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let events: Vec<ham::ham_proto::Event> = rt.block_on(async {
+        let mut c = ham::Client::connect(&node.socket).await.expect("connects");
+        let req = ham::ham_proto::SubscribeRequest {
+            from_seq: 1_000_000,
+            ..Default::default()
+        };
+        let mut s = c
+            .api()
+            .subscribe(req)
+            .await
+            .expect("subscribes")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Ok(Some(e)) = s.message().await {
+            out.push(e);
+        }
+        out
+    });
+    assert_eq!(events[0].kind, "gap", "{:?}", events[0]);
+    assert!(events[0].detail.contains("started over"), "{:?}", events[0]);
+    assert_eq!(events[1].seq, 1, "then this store's events from 1");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.entity == "g" && e.kind == "entity-added"),
+        "{events:?}"
+    );
+}

@@ -142,6 +142,19 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
         },
     );
     add(
+        format!("footprint, {n} idle children: private memory (USS) of the supervisor"),
+        Unit::KiB,
+        &|x| x.mem.uss as f64,
+        &|x| {
+            format!(
+                "Private_Clean + Private_Dirty summed over {} process(es): the memory it \
+                 alone costs; RSS also counts shared text and libc pages, which the kernel \
+                 maps 64 KiB around every code fault",
+                x.processes
+            )
+        },
+    );
+    add(
         format!(
             "footprint, {n} idle children: CPU while idle ({} s)",
             idle.as_secs()

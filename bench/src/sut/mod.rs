@@ -180,7 +180,8 @@ pub fn installed(kind: Kind) -> bool {
         .is_none_or(|(_, progs)| progs.iter().all(|p| on_path(p)))
 }
 
-fn on_path(prog: &str) -> bool {
+/// True if `prog` is a file in a directory of `$PATH`.
+pub fn on_path(prog: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(prog).is_file()))
 }
@@ -200,23 +201,7 @@ pub fn available_peers(install: bool) -> Vec<Kind> {
             pkgs.join(", "),
             pkgs.join(" ")
         );
-        let apt = |args: &[&str]| {
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        let mut args = vec!["install", "-y"];
-        args.extend(&pkgs);
-        if !apt(&args) {
-            eprintln!("apt-get install failed; running apt-get update and trying again");
-            let _ = apt(&["update"]);
-            if !apt(&args) {
-                eprintln!("apt-get install failed again");
-            }
-        }
+        apt_install(&pkgs);
     }
     Kind::PEERS
         .into_iter()
@@ -232,6 +217,31 @@ pub fn available_peers(install: bool) -> Vec<Kind> {
             ok
         })
         .collect()
+}
+
+/// Installs Debian packages (`apt-get install -y`, after `apt-get update` if that
+/// fails); true if it worked.
+pub fn apt_install(pkgs: &[&str]) -> bool {
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut args = vec!["install", "-y"];
+    args.extend(pkgs);
+    if apt(&args) {
+        return true;
+    }
+    eprintln!("apt-get install failed; running apt-get update and trying again");
+    let _ = apt(&["update"]);
+    let ok = apt(&args);
+    if !ok {
+        eprintln!("apt-get install failed again");
+    }
+    ok
 }
 
 /// A peer that is one process tree under a root process this harness started

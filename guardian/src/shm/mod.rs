@@ -8,7 +8,7 @@ mod region;
 pub mod store;
 
 pub use beats::{BeatHandle, BeatTable};
-pub use store::{Recovered, Store, StoreParams, Txn};
+pub use store::{CopyKey, LockedStore, Peek, Peeker, Recovered, Store, StoreParams, Txn};
 
 use std::path::PathBuf;
 

@@ -149,10 +149,158 @@ pub struct Recovered {
     pub committed_txn: u64,
     /// The node record.
     pub node: Option<Vec<u8>>,
-    /// Entity records by slot (1-based), ascending.
+    /// Entity records by slot (1-based), ascending; without those in `unchanged`.
     pub entities: Vec<(u32, Vec<u8>)>,
+    /// Slots whose record the opener already had (see [`Store::open_known`]): neither
+    /// read nor checked again.
+    pub unchanged: Vec<u32>,
     /// Events by sequence number, ascending.
     pub events: Vec<(u64, Vec<u8>)>,
+}
+
+/// Identifies one stored copy of a record: a record that changed has another key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyKey {
+    /// The transaction that wrote it.
+    pub txn: u64,
+    /// Its blob's checksum.
+    pub crc: u32,
+}
+
+/// What [`Peeker::peek`] saw.
+#[derive(Debug, Default)]
+pub struct Peek {
+    /// The transaction committed when it looked.
+    pub committed: u64,
+    /// Every entity slot that held a readable committed record, with its key.
+    pub present: Vec<(u32, CopyKey)>,
+    /// The records among them whose key the caller did not know, with their blobs.
+    pub changed: Vec<(u32, CopyKey, Vec<u8>)>,
+}
+
+/// Reads a store another process holds, without its lock: for a Guardian that keeps a
+/// decoded copy of the HAM's state warm. What it reads may be a moment old or torn;
+/// torn copies fail their checksums and are left out, and the takeover's locked
+/// [`Store::open_known`] re-reads whatever the copy does not match.
+pub struct Peeker {
+    _file: File,
+    region: Region,
+    layout: Layout,
+}
+
+impl Peeker {
+    /// Maps the store at `path` (validated like [`Store::open`], not locked).
+    pub fn open(path: &Path) -> Result<Peeker, StoreError> {
+        let (file, region, layout) = map_valid(path)?;
+        Ok(Peeker {
+            _file: file,
+            region,
+            layout,
+        })
+    }
+
+    /// How many entity slots the store has.
+    pub fn entity_slots(&self) -> u32 {
+        self.layout.params.entity_slots
+    }
+
+    /// The committed transaction now.
+    pub fn committed(&self) -> u64 {
+        self.region.u64_at(COMMITTED_AT).load(Ordering::Acquire)
+    }
+
+    /// Every committed entity record; the blobs of those for which `known` is false.
+    pub fn peek(&self, known: impl Fn(u32, CopyKey) -> bool) -> Peek {
+        let committed = self.committed();
+        let mut out = Peek {
+            committed,
+            ..Peek::default()
+        };
+        for slot in 1..=self.layout.params.entity_slots {
+            let best = (0..2)
+                .filter_map(|c| {
+                    CopyMeta::decode(&self.region.read(self.layout.copy_at(slot, c), COPY))
+                })
+                .filter(|m| m.txn <= committed)
+                .max_by_key(|m| m.txn);
+            let Some(m) = best.filter(|m| !m.is_tombstone()) else {
+                continue;
+            };
+            let key = CopyKey {
+                txn: m.txn,
+                crc: m.crc,
+            };
+            if known(slot, key) {
+                out.present.push((slot, key));
+                continue;
+            }
+            if m.offset + u64::from(m.len) > self.layout.params.arena_bytes {
+                continue;
+            }
+            let blob = self
+                .region
+                .read(self.layout.arena + m.offset as usize, m.len as usize);
+            if crc32fast::hash(&blob) == m.crc {
+                out.present.push((slot, key));
+                out.changed.push((slot, key, blob));
+            }
+        }
+        out
+    }
+}
+
+/// Opens and maps a store file and validates its header and size.
+fn map_valid(path: &Path) -> Result<(File, Region, Layout), StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(err_at(path))?;
+    let len = file.metadata().map_err(err_at(path))?.len() as usize;
+    if len < HEADER {
+        return Err(StoreError::BadMagic(path.to_path_buf()));
+    }
+    let region = Region::map(&file).map_err(err_at(path))?;
+    let h = region.read(0, 48);
+    if &h[0..8] != MAGIC {
+        return Err(StoreError::BadMagic(path.to_path_buf()));
+    }
+    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(StoreError::UnknownVersion {
+            path: path.to_path_buf(),
+            found: version,
+            known: VERSION,
+        });
+    }
+    if crc32fast::hash(&h[16..48]) != u32::from_le_bytes(h[12..16].try_into().expect("4")) {
+        return Err(StoreError::HeaderChecksum(path.to_path_buf()));
+    }
+    let params = StoreParams {
+        entity_slots: u32::from_le_bytes(h[16..20].try_into().expect("4")),
+        event_slots: u32::from_le_bytes(h[20..24].try_into().expect("4")),
+        arena_bytes: u64::from_le_bytes(h[24..32].try_into().expect("8")),
+        event_entry_bytes: u32::from_le_bytes(h[32..36].try_into().expect("4")),
+    };
+    let layout = Layout::new(params).map_err(|reason| StoreError::Params {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    if layout.total != len {
+        return Err(StoreError::Params {
+            path: path.to_path_buf(),
+            reason: format!("file is {len} bytes, its layout needs {}", layout.total),
+        });
+    }
+    Ok((file, region, layout))
+}
+
+/// A store file, validated and exclusively locked, not yet read.
+pub struct LockedStore {
+    path: PathBuf,
+    file: File,
+    region: Region,
+    layout: Layout,
 }
 
 /// A set of record writes and events committed together.
@@ -341,52 +489,43 @@ impl Store {
     }
 
     fn open_locked(path: &Path, wait: bool) -> Result<(Store, Recovered), StoreError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(err_at(path))?;
-        let len = file.metadata().map_err(err_at(path))?.len() as usize;
-        if len < HEADER {
-            return Err(StoreError::BadMagic(path.to_path_buf()));
-        }
-        let region = Region::map(&file).map_err(err_at(path))?;
-        let h = region.read(0, 48);
-        if &h[0..8] != MAGIC {
-            return Err(StoreError::BadMagic(path.to_path_buf()));
-        }
-        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(StoreError::UnknownVersion {
-                path: path.to_path_buf(),
-                found: version,
-                known: VERSION,
-            });
-        }
-        if crc32fast::hash(&h[16..48]) != u32::from_le_bytes(h[12..16].try_into().expect("4")) {
-            return Err(StoreError::HeaderChecksum(path.to_path_buf()));
-        }
-        let params = StoreParams {
-            entity_slots: u32::from_le_bytes(h[16..20].try_into().expect("4")),
-            event_slots: u32::from_le_bytes(h[20..24].try_into().expect("4")),
-            arena_bytes: u64::from_le_bytes(h[24..32].try_into().expect("8")),
-            event_entry_bytes: u32::from_le_bytes(h[32..36].try_into().expect("4")),
-        };
-        let layout = Layout::new(params).map_err(|reason| StoreError::Params {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        if layout.total != len {
-            return Err(StoreError::Params {
-                path: path.to_path_buf(),
-                reason: format!("file is {len} bytes, its layout needs {}", layout.total),
-            });
-        }
+        Self::open_known(Self::lock_file(path, wait)?, &|_, _| false)
+    }
+
+    /// Validates the store at `path`, then waits for its lock (until its holder dies).
+    pub fn wait_lock(path: &Path) -> Result<LockedStore, StoreError> {
+        Self::lock_file(path, true)
+    }
+
+    fn lock_file(path: &Path, wait: bool) -> Result<LockedStore, StoreError> {
         // Validated first, so a foreign file says so whoever holds it; then the lock.
+        let (file, region, layout) = map_valid(path)?;
         lock(&file, path, wait)?;
+        Ok(LockedStore {
+            path: path.to_path_buf(),
+            file,
+            region,
+            layout,
+        })
+    }
+
+    /// Reads a locked store. Records for which `known(slot, key)` holds are the ones
+    /// the caller has already (a warm Guardian): they are listed in
+    /// [`Recovered::unchanged`], not read again.
+    pub fn open_known(
+        locked: LockedStore,
+        known: &dyn Fn(u32, CopyKey) -> bool,
+    ) -> Result<(Store, Recovered), StoreError> {
+        let LockedStore {
+            path,
+            file,
+            region,
+            layout,
+        } = locked;
+        let params = layout.params;
         let committed = region.u64_at(COMMITTED_AT).load(Ordering::Acquire);
         let mut store = Store {
-            path: path.to_path_buf(),
+            path,
             _file: file,
             region,
             layout,
@@ -394,13 +533,13 @@ impl Store {
             alloc: Allocator::new(params.arena_bytes.div_ceil(GRANULE) * GRANULE),
             committed,
         };
-        let recovered = store.recover()?;
+        let recovered = store.recover(known)?;
         Ok((store, recovered))
     }
 
     /// Reads the committed state, wipes uncommitted copies and events, rebuilds the
     /// allocator and the in-memory directory.
-    fn recover(&mut self) -> Result<Recovered, StoreError> {
+    fn recover(&mut self, known: &dyn Fn(u32, CopyKey) -> bool) -> Result<Recovered, StoreError> {
         let mut rec = Recovered {
             committed_txn: self.committed,
             ..Default::default()
@@ -433,6 +572,15 @@ impl Store {
                             slot,
                             reason: "its blob lies outside the arena or overlaps another".into(),
                         });
+                    }
+                    let key = CopyKey {
+                        txn: m.txn,
+                        crc: m.crc,
+                    };
+                    if slot > 0 && known(slot, key) {
+                        rec.unchanged.push(slot);
+                        self.dir.push((metas, best));
+                        continue;
                     }
                     let blob = self
                         .region

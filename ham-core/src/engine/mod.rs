@@ -53,6 +53,18 @@ pub enum Input {
         /// Where it listens, for the event's detail.
         addr: String,
     },
+    /// An event of an entity on another node that remote entities here watch.
+    Remote {
+        /// The node it happened on.
+        node: String,
+        /// The entity there.
+        entity: String,
+        /// The event's kind there (`death`, `restart`, `raise` …); kinds that are not
+        /// condition kinds are ignored.
+        kind: String,
+        /// The event's detail there.
+        detail: String,
+    },
     /// A dispatched action (execute, signal, waitfor) finished.
     ActionDone {
         /// The entity.
@@ -477,22 +489,69 @@ impl Engine {
         node: Option<&[u8]>,
         entities: &[(u32, Vec<u8>)],
     ) -> Result<Engine, RestoreError> {
+        let records = entities
+            .iter()
+            .map(|(slot, bytes)| Self::decode_record(*slot, bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::restore_records(capacity, node, records)
+    }
+
+    /// Decodes the entity record stored in `slot`.
+    pub fn decode_record(slot: u32, bytes: &[u8]) -> Result<EntityRecord, RestoreError> {
+        let rec = record::decode_entity(bytes)
+            .map_err(|reason| RestoreError::BadRecord { slot, reason })?;
+        if rec.id.0 != slot {
+            return Err(RestoreError::BadRecord {
+                slot,
+                reason: format!("record says it belongs in slot {}", rec.id.0),
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Puts a decoded record in its slot, replacing what was there (a warm copy of the
+    /// state catching up). A record of the same name in another slot is dropped, and
+    /// its slot returned: the copy may have caught that slot mid-change.
+    pub fn put_record(&mut self, rec: EntityRecord) -> Option<u32> {
+        if let Some(old) = self.entities.remove(&rec.id) {
+            self.names.remove(&old.spec.name);
+        }
+        let evicted = self.names.get(&rec.spec.name).copied();
+        if let Some(other) = evicted {
+            self.entities.remove(&other);
+        }
+        self.names.insert(rec.spec.name.clone(), rec.id);
+        self.entities.insert(rec.id, rec);
+        evicted.map(|id| id.0)
+    }
+
+    /// Drops the record in `slot`, if any (a warm copy catching up).
+    pub fn drop_record(&mut self, slot: u32) {
+        if let Some(old) = self.entities.remove(&EntityId(slot)) {
+            self.names.remove(&old.spec.name);
+        }
+    }
+
+    /// Replaces the node record (a warm copy catching up).
+    pub fn set_node_record(&mut self, bytes: &[u8]) -> Result<(), RestoreError> {
+        self.node = record::decode_node(bytes)
+            .map_err(|reason| RestoreError::BadRecord { slot: 0, reason })?;
+        Ok(())
+    }
+
+    /// Rebuilds an engine from the node record and entity records decoded already
+    /// (a warm Guardian decodes them before the HAM dies).
+    pub fn restore_records(
+        capacity: u32,
+        node: Option<&[u8]>,
+        records: Vec<EntityRecord>,
+    ) -> Result<Engine, RestoreError> {
         let mut engine = Engine::new(capacity);
         if let Some(bytes) = node {
             engine.node = record::decode_node(bytes)
                 .map_err(|reason| RestoreError::BadRecord { slot: 0, reason })?;
         }
-        for (slot, bytes) in entities {
-            let rec = record::decode_entity(bytes).map_err(|reason| RestoreError::BadRecord {
-                slot: *slot,
-                reason,
-            })?;
-            if rec.id.0 != *slot {
-                return Err(RestoreError::BadRecord {
-                    slot: *slot,
-                    reason: format!("record says it belongs in slot {}", rec.id.0),
-                });
-            }
+        for rec in records {
             if engine.names.insert(rec.spec.name.clone(), rec.id).is_some() {
                 return Err(RestoreError::DuplicateName(rec.spec.name));
             }
@@ -613,12 +672,19 @@ impl Engine {
         v
     }
 
+    /// The status of one entity, if it exists.
+    pub fn status_of_entity(&self, name: &str, now: Now) -> Option<EntityStatus> {
+        self.entity(name).map(|r| Self::status_of(r, now))
+    }
+
     fn status_of(r: &EntityRecord, now: Now) -> EntityStatus {
         EntityStatus {
             name: r.spec.name.clone(),
             kind: r.spec.kind.label(),
             state: if matches!(r.spec.kind, EntityKind::Global) {
                 "global"
+            } else if matches!(r.spec.kind, EntityKind::Remote { .. }) {
+                "remote"
             } else {
                 r.rt.phase.label()
             },
@@ -682,13 +748,56 @@ impl Engine {
                 outcome,
             } => self.on_action_done(entity, run, step, outcome),
             Input::Node { node, up, addr } => self.on_node(node, up, addr),
+            Input::Remote {
+                node,
+                entity,
+                kind,
+                detail,
+            } => self.on_remote(&node, &entity, &kind, detail),
         }
         self.finish()
     }
 
+    /// An event of entity `entity` on node `node`: the conditions of that kind of every
+    /// remote entity watching it fire (`detail` says what happened there).
+    fn on_remote(&mut self, node: &str, entity: &str, kind: &str, detail: String) {
+        let Some(kind) = ConditionKind::parse(kind).filter(|k| !k.is_node_kind()) else {
+            return;
+        };
+        for id in self.remote_watchers(node, Some(entity)) {
+            self.fire(id, kind, format!("on {node}: {detail}"), Occurrence::Plain);
+            self.drive(id);
+        }
+    }
+
+    /// The remote entities watching `entity` on `node` (any of that node's: `None`).
+    fn remote_watchers(&self, node: &str, entity: Option<&str>) -> Vec<EntityId> {
+        self.entities
+            .values()
+            .filter(|r| match &r.spec.kind {
+                EntityKind::Remote { node: n, entity: e } => {
+                    n == node && entity.is_none_or(|x| x == e)
+                }
+                _ => false,
+            })
+            .map(|r| r.id)
+            .collect()
+    }
+
     /// A mesh node went down or came up: one event, then the matching conditions of
-    /// every entity fire.
+    /// every entity fire; a node going down is the death of its remote entities.
     fn on_node(&mut self, node: String, up: bool, addr: String) {
+        if !up {
+            for id in self.remote_watchers(&node, None) {
+                self.fire(
+                    id,
+                    ConditionKind::Death,
+                    format!("node {node} is down"),
+                    Occurrence::Plain,
+                );
+                self.drive(id);
+            }
+        }
         let kind = if up {
             ConditionKind::NodeUp
         } else {
@@ -717,9 +826,9 @@ impl Engine {
     }
 
     /// Publishes a node-level event (the pair's life: a Guardian respawned …).
-    pub fn note(&mut self, now: Now, kind: EventKind, detail: String) -> Step {
+    pub fn note(&mut self, now: Now, entity: &str, kind: EventKind, detail: String) -> Step {
         self.now = now;
-        self.emit("", kind.as_str(), detail);
+        self.emit(entity, kind.as_str(), detail);
         self.finish()
     }
 
@@ -813,9 +922,13 @@ impl Engine {
             Request::Detach { name } => {
                 let id = self.id_of(&name)?;
                 let rec = &self.entities[&id];
-                if matches!(rec.spec.kind, EntityKind::Global) {
+                if matches!(
+                    rec.spec.kind,
+                    EntityKind::Global | EntityKind::Remote { .. }
+                ) {
                     return Err(EngineError::precondition(format!(
-                        "entity {name} is global: it has no process to detach"
+                        "entity {name} is {}: it has no process here to detach",
+                        rec.spec.kind.label()
                     )));
                 }
                 self.fire(
@@ -1042,6 +1155,8 @@ impl Engine {
                     Occurrence::Plain,
                 );
             }
+            // Watched through its node's events: nothing to start or attach here.
+            EntityKind::Remote { .. } => {}
         }
         for (cond, acts) in do_now {
             self.start_run(id, &cond, "do-now".into(), acts);

@@ -10,7 +10,7 @@ use super::state::{AfterStop, Frame, Lane, Pending, Phase, Run, RunWait};
 use super::{Command, Engine, Occurrence, RemoteOp, SignalDest};
 use crate::event::EventKind;
 use crate::ids::{EntityId, RunId};
-use crate::spec::{ActionKind, ActionSpec, ConditionKind, ConditionSpec, SignalTarget};
+use crate::spec::{ActionKind, ActionSpec, ConditionKind, ConditionSpec, EntityKind, SignalTarget};
 
 /// What starting an action led to.
 enum Started {
@@ -198,7 +198,17 @@ impl Engine {
         let now = self.now.mono_ms;
         let name = self.entities[&id].spec.name.clone();
         match &action.kind {
-            ActionKind::Restart => self.begin_restart(id, run_id),
+            // A remote entity is restarted by its own node.
+            ActionKind::Restart => match &self.entities[&id].spec.kind {
+                EntityKind::Remote { node, entity } => {
+                    let op = RemoteOp::Restart {
+                        node: node.clone(),
+                        entity: entity.clone(),
+                    };
+                    self.remote(id, run_id, op)
+                }
+                _ => self.begin_restart(id, run_id),
+            },
             ActionKind::Execute(cmd) => {
                 let (condition, trigger) = {
                     let run = self.run_mut(id, run_id).expect("running");
