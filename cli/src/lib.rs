@@ -196,6 +196,23 @@ fn is_transient(s: &tonic::Status) -> bool {
     }
 }
 
+/// True when nobody listens on the socket any more (refused, or the socket file is
+/// gone). A takeover never looks like this (the Guardian holds the listener from the
+/// start), so it means hamd is not running: worth an error now, not a retry.
+fn nobody_listens(s: &tonic::Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            );
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// True for a connection that was made and then broken (not for "nobody listens").
 fn is_broken_connection(reason: &str) -> bool {
     let m = reason.to_ascii_lowercase();
@@ -292,7 +309,11 @@ impl Client {
         loop {
             match f(self.api.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if is_transient(&s) && Instant::now() + pause < deadline => {
+                Err(s)
+                    if is_transient(&s)
+                        && !nobody_listens(&s)
+                        && Instant::now() + pause < deadline =>
+                {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(200));
                 }

@@ -188,7 +188,14 @@ impl TestNode {
             if guarded {
                 break;
             }
-            assert!(Instant::now() < deadline, "hamd did not come up");
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("hamd output");
+                panic!(
+                    "hamd did not come up in 10 s; its log:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         // Drain stderr in the background so hamd never blocks on a full pipe.

@@ -552,3 +552,28 @@ fn a_subscriber_from_before_a_fresh_store_gets_a_gap_then_everything() {
         "{events:?}"
     );
 }
+
+#[test]
+fn a_client_of_a_node_that_died_gets_an_error_at_once_not_retries() {
+    // Retrying is for a takeover, where the Guardian keeps the listener; with both
+    // processes gone nobody listens, and the caller must hear so promptly.
+    let mut node = TestNode::start("gone");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut client = rt
+        .block_on(ham::Client::connect(&node.socket))
+        .expect("connects");
+    rt.block_on(client.status()).expect("answers while up");
+    node.kill_node();
+    let asked = std::time::Instant::now();
+    let err = rt.block_on(client.status()).expect_err("nobody answers");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?} to fail: {err}",
+        asked.elapsed()
+    );
+    let out = node.try_ham(&["status"]);
+    assert!(!out.status.success());
+}
