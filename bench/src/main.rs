@@ -58,6 +58,10 @@ struct Args {
     /// 10, or 5 s with --quick).
     #[arg(long)]
     soak_minutes: Option<f64>,
+    /// Only these entity counts in `takeover` (default 100, 1000, 10000), e.g.
+    /// `--takeover-sizes 10000` to study the largest.
+    #[arg(long, value_delimiter = ',')]
+    takeover_sizes: Option<Vec<usize>>,
     /// Where a full run of `all` writes its report.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md"))]
     out: PathBuf,
@@ -189,6 +193,7 @@ fn main() -> anyhow::Result<()> {
         peers,
         only_peers: args.peers.clone(),
         soak,
+        takeover_sizes: args.takeover_sizes.clone(),
     };
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();

@@ -14,7 +14,14 @@
 //! because the store's `flock` is the arbiter: the Guardian proceeds only once the
 //! HAM's store descriptor is closed too.
 //!
-//! Messages, one per packet: `H` hello (HAM pid, generation; the listener attached),
+//! The hello also carries the HAM's own watch set (its epoll of pidfds), which the
+//! Guardian only holds: a dying process tears down an epoll set it alone holds, and with
+//! thousands of pidfds that is ~10 ms of kernel work in the dead HAM, on a CPU the
+//! takeover needs. Held here, the set outlives the HAM and the new HAM closes it once
+//! the takeover is done.
+//!
+//! Messages, one per packet: `H` hello (HAM pid, generation; the listener and the HAM's
+//! watch set attached),
 //! `W` watch (entity, pid, start time per attached pidfd, up to [`MAX_FDS`]),
 //! `U` unwatch (entity), `S` stop.
 
@@ -144,13 +151,15 @@ impl PairListener {
         &self.path
     }
 
-    /// Waits (up to `timeout`) for the Guardian to connect, then sends it the hello and
-    /// the control socket's listening descriptor.
+    /// Waits (up to `timeout`) for the Guardian to connect, then sends it the hello,
+    /// the control socket's listening descriptor and the HAM's watch set (for the
+    /// Guardian to hold; see the module's documentation).
     pub fn accept_guardian(
         &self,
         timeout: Duration,
         hello: Hello,
         control_listener: BorrowedFd<'_>,
+        watch_set: BorrowedFd<'_>,
     ) -> io::Result<HamEnd> {
         let mut fds = [PollFd::new(&self.listener, PollFlags::IN)];
         let ts = rustix::time::Timespec {
@@ -175,7 +184,7 @@ impl PairListener {
         msg[0] = b'H';
         msg[1..5].copy_from_slice(&hello.ham_pid.to_le_bytes());
         msg[5..13].copy_from_slice(&hello.generation.to_le_bytes());
-        send(stream.as_fd(), &msg, &[control_listener])?;
+        send(stream.as_fd(), &msg, &[control_listener, watch_set])?;
         Ok(HamEnd { stream })
     }
 }
@@ -235,6 +244,23 @@ pub struct GuardianEnd {
     /// Every handed pidfd, registered as it arrives (the data is the entity), so that a
     /// takeover starts with its watch set complete.
     watch_set: OwnedFd,
+    /// The HAM's own watch set, held so that the HAM's death does not tear it down
+    /// (absent from a HAM of an earlier version, which sent only the listener).
+    ham_watch_set: Option<OwnedFd>,
+}
+
+/// What a Guardian brings to its takeover.
+pub struct TakeoverKit {
+    /// A duplicate of the control socket's listening descriptor.
+    pub control_listener: OwnedFd,
+    /// The pidfds the HAM handed over, by entity.
+    pub handed: HashMap<u32, HandedProcess>,
+    /// The epoll set every handed pidfd is registered in (the data of each is its
+    /// entity): the new HAM's watch set.
+    pub watch_set: OwnedFd,
+    /// The dead HAM's watch set, to be closed once the takeover is done (closing it
+    /// unregisters every pidfd: kernel work that must not delay the takeover).
+    pub dead_ham_watch_set: Option<OwnedFd>,
 }
 
 /// Why a Guardian stopped waiting.
@@ -258,7 +284,7 @@ impl GuardianEnd {
         let stream = seqpacket()?;
         connect(&stream, &SocketAddrUnix::new(path)?)?;
         let (msg, mut fds) = receive(stream.as_fd())?;
-        if msg.len() != 13 || msg[0] != b'H' || fds.len() != 1 {
+        if msg.len() != 13 || msg[0] != b'H' || !(1..=2).contains(&fds.len()) {
             return Err(bad("malformed hello from the HAM"));
         }
         let hello = Hello {
@@ -267,6 +293,7 @@ impl GuardianEnd {
         };
         let pid = Pid::from_raw(hello.ham_pid).ok_or_else(|| bad("bad HAM pid"))?;
         let ham_pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+        let ham_watch_set = (fds.len() == 2).then(|| fds.remove(1));
         Ok(GuardianEnd {
             stream,
             hello,
@@ -274,6 +301,7 @@ impl GuardianEnd {
             ham_pidfd,
             handed: HashMap::new(),
             watch_set: epoll::create(CreateFlags::CLOEXEC)?,
+            ham_watch_set,
         })
     }
 
@@ -378,10 +406,15 @@ impl GuardianEnd {
     }
 
     /// What a takeover needs: the control socket's listener, the pidfds the HAM
-    /// handed over (by entity), and the epoll set they are all registered in (the data
-    /// of each is its entity).
-    pub fn into_takeover(self) -> (OwnedFd, HashMap<u32, HandedProcess>, OwnedFd) {
-        (self.control_listener, self.handed, self.watch_set)
+    /// handed over (by entity), the epoll set they are all registered in, and the dead
+    /// HAM's own set to close afterwards.
+    pub fn into_takeover(self) -> TakeoverKit {
+        TakeoverKit {
+            control_listener: self.control_listener,
+            handed: self.handed,
+            watch_set: self.watch_set,
+            dead_ham_watch_set: self.ham_watch_set,
+        }
     }
 }
 
@@ -410,14 +443,20 @@ mod tests {
             let addr = l.local_addr().expect("addr");
             let wake = end.wait(None, None);
             let hello = end.hello;
-            let (_, handed, _) = end.into_takeover();
+            let kit = end.into_takeover();
+            // The HAM's own watch set, held: the same open epoll, not a copy.
+            let held = kit
+                .dead_ham_watch_set
+                .map(|fd| rustix::fs::fstat(&fd).expect("fstat").st_ino);
             (
                 hello,
                 addr.as_pathname().map(Path::to_path_buf),
                 wake,
-                handed,
+                kit.handed,
+                held,
             )
         });
+        let ham_set = epoll::create(CreateFlags::CLOEXEC).expect("epoll");
         let mut ham = pair
             .accept_guardian(
                 Duration::from_secs(5),
@@ -426,6 +465,7 @@ mod tests {
                     generation: 3,
                 },
                 control.as_fd(),
+                ham_set.as_fd(),
             )
             .expect("accepts");
         // 100 watched processes (here: pidfds of this process), then one unwatched.
@@ -441,7 +481,11 @@ mod tests {
         ham.send_watched(&procs).expect("sends pidfds");
         ham.send_unwatched(7).expect("unwatch");
         ham.request_stop().expect("stop");
-        let (hello, addr, wake, handed) = guardian.join().expect("joins");
+        let (hello, addr, wake, handed, held) = guardian.join().expect("joins");
+        assert_eq!(
+            held,
+            Some(rustix::fs::fstat(&ham_set).expect("fstat").st_ino)
+        );
         assert_eq!(
             hello,
             Hello {
@@ -482,6 +526,7 @@ mod tests {
                     generation: 0,
                 },
                 control.as_fd(),
+                epoll::create(CreateFlags::CLOEXEC).expect("epoll").as_fd(),
             )
             .expect("accepts");
         drop(ham);

@@ -159,6 +159,11 @@ fn main() {
 fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // A blocking-pool thread left idling makes the HAM multithreaded when it is
+        // killed, and the kernel then searches every child for a new owner of the
+        // address space (milliseconds with 10,000 entities) before the Guardian can
+        // take over: idle threads go quickly.
+        .thread_keep_alive(std::time::Duration::from_millis(100))
         .build()?
         .block_on(f)
 }
@@ -175,6 +180,8 @@ struct Takeover {
     handed: std::collections::HashMap<u32, guardian::pair::HandedProcess>,
     /// The epoll set holding all of them.
     watch_set: Option<std::os::fd::OwnedFd>,
+    /// The dead HAM's own watch set, closed once the takeover is done.
+    dead_ham_watch_set: Option<std::os::fd::OwnedFd>,
     /// The store, locked and read.
     store: Option<(guardian::shm::Store, guardian::shm::Recovered)>,
     /// How long after `noticed` the store was read.
@@ -253,14 +260,15 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                     "store read under the lock"
                 );
                 let store_ready = noticed.elapsed();
-                let (listener, handed, watch_set) = end.into_takeover();
+                let kit = end.into_takeover();
                 let takeover = Takeover {
                     store_ready,
-                    watch_set: Some(watch_set),
-                    listener,
+                    watch_set: Some(kit.watch_set),
+                    dead_ham_watch_set: kit.dead_ham_watch_set,
+                    listener: kit.control_listener,
                     ham_pid,
                     noticed,
-                    handed,
+                    handed: kit.handed,
                     store: Some(store),
                     warm,
                 };
@@ -392,6 +400,7 @@ async fn run(
         .unwrap_or_default();
     let store = takeover.as_mut().and_then(|t| t.store.take());
     let warm = takeover.as_mut().and_then(|t| t.warm.take());
+    let dead_ham_watch_set = takeover.as_mut().and_then(|t| t.dead_ham_watch_set.take());
     let opening = std::time::Instant::now();
     let opened = Node::open(
         name.clone(),
@@ -410,6 +419,14 @@ async fn run(
         let resuming = std::time::Instant::now();
         node.resume(ham_core::Resume::Takeover, &note);
         node.takeover_done(t.noticed);
+        // Closing the dead HAM's watch set unregisters every pidfd in it: kernel work
+        // done now, beside the loop, rather than in the dying HAM during the takeover.
+        if let Some(set) = dead_ham_watch_set {
+            let retire = std::thread::Builder::new().name("ham-retire".into());
+            if retire.spawn(move || drop(set)).is_err() {
+                tracing::debug!("closing the dead HAM's watch set on the loop");
+            }
+        }
         tracing::warn!(
             node = %name,
             store_us = t.store_ready.as_micros() as u64,

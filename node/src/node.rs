@@ -339,7 +339,14 @@ impl Node {
         control: std::os::fd::OwnedFd,
         command: GuardianCommand,
     ) -> anyhow::Result<()> {
-        let pair = Pair::new(control_socket, control, command, self.pair_tx.clone())?;
+        let watch_set = self.watcher.set().try_clone_to_owned()?;
+        let pair = Pair::new(
+            control_socket,
+            control,
+            watch_set,
+            command,
+            self.pair_tx.clone(),
+        )?;
         self.pair = Some(pair);
         let _ = self.pair_tx.send(PairEvent::Exited(0));
         Ok(())

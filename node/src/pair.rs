@@ -45,6 +45,7 @@ struct Guardian {
 pub struct Pair {
     listener: Arc<PairListener>,
     control: Arc<OwnedFd>,
+    watch_set: Arc<OwnedFd>,
     command: GuardianCommand,
     current: Option<Guardian>,
     events: mpsc::UnboundedSender<PairEvent>,
@@ -52,10 +53,12 @@ pub struct Pair {
 
 impl Pair {
     /// Binds the pair socket beside the control socket. `control` is a duplicate of
-    /// the control socket's listener; `events` receives the Guardians' news.
+    /// the control socket's listener, `watch_set` of the watcher's epoll set (each
+    /// Guardian holds both); `events` receives the Guardians' news.
     pub fn new(
         control_socket: &Path,
         control: OwnedFd,
+        watch_set: OwnedFd,
         command: GuardianCommand,
         events: mpsc::UnboundedSender<PairEvent>,
     ) -> std::io::Result<Pair> {
@@ -63,6 +66,7 @@ impl Pair {
         Ok(Pair {
             listener: Arc::new(listener),
             control: Arc::new(control),
+            watch_set: Arc::new(watch_set),
             command,
             current: None,
             events,
@@ -108,9 +112,10 @@ impl Pair {
             end: None,
             watch,
         });
-        let (listener, control, events) = (
+        let (listener, control, watch_set, events) = (
             self.listener.clone(),
             self.control.clone(),
+            self.watch_set.clone(),
             self.events.clone(),
         );
         let hello = Hello {
@@ -118,7 +123,12 @@ impl Pair {
             generation,
         };
         tokio::task::spawn_blocking(move || {
-            let r = listener.accept_guardian(CONNECT_TIMEOUT, hello, control.as_fd());
+            let r = listener.accept_guardian(
+                CONNECT_TIMEOUT,
+                hello,
+                control.as_fd(),
+                watch_set.as_fd(),
+            );
             let _ = events.send(PairEvent::Connected(pid, r));
         });
         Ok(pid)

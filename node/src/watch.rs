@@ -38,6 +38,12 @@ impl Watcher {
         })
     }
 
+    /// The epoll set itself (the Guardian holds a duplicate, so that this process's
+    /// death does not tear the set down; see `guardian::pair`).
+    pub fn set(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.epoll.get_ref())
+    }
+
     /// The process watched for an entity.
     pub fn get(&self, entity: EntityId) -> Option<&Arc<ProcessHandle>> {
         self.procs.get(&entity)

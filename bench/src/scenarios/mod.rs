@@ -29,6 +29,8 @@ pub struct Ctx {
     pub only_peers: Option<Vec<String>>,
     /// How long the false-positive soak keeps the mesh running.
     pub soak: Duration,
+    /// `--takeover-sizes`: only these entity counts in `takeover`, if given.
+    pub takeover_sizes: Option<Vec<usize>>,
 }
 
 impl Ctx {
