@@ -125,10 +125,15 @@ enum Cmd {
         /// The entity.
         name: String,
         /// The message.
-        message: String,
+        #[arg(required_unless_present = "stdin")]
+        message: Option<String>,
         /// The severity.
         #[arg(long, default_value_t = 0)]
         severity: u32,
+        /// Raise once per line of standard input (the line is the message), over one
+        /// stream: for piping a detector's output in at a high rate.
+        #[arg(long, conflicts_with = "message")]
+        stdin: bool,
     },
     /// Set an entity's user state (fires `state` conditions).
     State {
@@ -550,7 +555,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             message,
             severity,
-        } => client.raise(&name, severity, &message).await?,
+            stdin,
+        } => {
+            if stdin {
+                raise_lines(&mut client, &name, severity).await?;
+            } else {
+                client
+                    .raise(&name, severity, message.as_deref().unwrap_or_default())
+                    .await?;
+            }
+        }
         Cmd::State { name, state } => client.set_state(&name, &state).await?,
         Cmd::Heartbeat { name } => client.heartbeat(&name).await?,
         Cmd::Nodes => {
@@ -765,4 +779,30 @@ fn ham_core_signal(s: &str) -> Option<i32> {
         .find(|(k, _)| *k == n)
         .map(|(_, v)| *v)
         .or_else(|| n.parse().ok())
+}
+
+/// `ham raise NAME --stdin`: one raise per line of standard input, over one stream.
+async fn raise_lines(client: &mut Client, name: &str, severity: u32) -> anyhow::Result<()> {
+    let mut stream = client.raise_stream().await?;
+    // Standard input is read on a thread of its own: the stream is sent meanwhile.
+    let (tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(1024);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = lines.recv().await {
+        let line = line.map_err(|e| anyhow::anyhow!("standard input: {e}"))?;
+        if let Err(e) = stream.raise(name, severity, &line).await {
+            anyhow::bail!("{e} ({} raised before it)", stream.handled());
+        }
+    }
+    let sent = stream.sent();
+    stream
+        .finish()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (of {sent} lines)"))?;
+    Ok(())
 }

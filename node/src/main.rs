@@ -8,6 +8,7 @@ mod forward;
 mod node;
 mod pair;
 mod process;
+mod raise_stream;
 mod remote;
 mod remote_watch;
 mod service;

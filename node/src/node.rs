@@ -28,6 +28,15 @@ pub enum Msg {
         /// Where the answer goes, once the change is in the store.
         reply: oneshot::Sender<Result<Reply, EngineError>>,
     },
+    /// Requests for the engine, handled in order with one store commit; stops at the
+    /// first that fails.
+    Batch {
+        /// The requests.
+        reqs: Vec<Request>,
+        /// How many were handled, and the error that stopped the batch, once the
+        /// change is in the store.
+        reply: oneshot::Sender<(usize, Option<EngineError>)>,
+    },
     /// A status snapshot.
     Status {
         /// Where it goes.
@@ -482,6 +491,12 @@ impl Node {
             Msg::Request { req, reply } => {
                 let r = self.request(*req);
                 let _ = reply.send(r);
+            }
+            Msg::Batch { reqs, reply } => {
+                let (step, handled, err) = self.engine.handle_batch(now(), reqs);
+                self.apply(step);
+                self.drain_immediate();
+                let _ = reply.send((handled, err));
             }
             Msg::Status { reply } => {
                 let _ = reply.send(StatusSnapshot {

@@ -261,6 +261,18 @@ impl Ham for HamService {
         .await
     }
 
+    type RaiseStreamStream = crate::raise_stream::ProgressStream;
+
+    async fn raise_stream(
+        &self,
+        r: Req<tonic::Streaming<pb::RaiseRequest>>,
+    ) -> Result<Response<Self::RaiseStreamStream>, Status> {
+        Ok(Response::new(crate::raise_stream::serve(
+            self.tx.clone(),
+            r.into_inner(),
+        )))
+    }
+
     async fn set_state(&self, r: Req<pb::SetStateRequest>) -> Result<Response<pb::Ack>, Status> {
         let r = r.into_inner();
         self.done(Request::SetState {

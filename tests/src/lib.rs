@@ -273,6 +273,25 @@ impl TestNode {
             .expect("ham runs")
     }
 
+    /// Runs `ham` with `input` on its standard input; returns the raw output.
+    pub fn try_ham_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = Command::new(bin("ham"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ham runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+        let out = child.wait_with_output().expect("ham output");
+        let _ = writer.join();
+        out
+    }
+
     /// Runs `ham` and requires success; returns stdout.
     pub fn ham(&self, args: &[&str]) -> String {
         let out = self.try_ham(args);

@@ -134,6 +134,29 @@ fn three_nodes_join_and_answer_for_each_other() {
     });
     assert_eq!(after["state"], "running");
 
+    // A stream of raises, forwarded: b handles every line, in order.
+    nb.ham(&["entity", "global", "sensor"]);
+    let lines: String = (1..=500).map(|i| format!("reading {i}\n")).collect();
+    let out = na.try_ham_with_input(
+        &["--node", &b, "raise", "sensor", "--stdin"],
+        lines.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raised: Vec<String> = nb
+        .events()
+        .iter()
+        .filter(|e| e["entity"] == "sensor" && e["kind"] == "raise")
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect();
+    let expected: Vec<String> = (1..=500)
+        .map(|i| format!("severity 0: reading {i}"))
+        .collect();
+    assert_eq!(raised, expected);
+
     // Status codes travel end to end; an unknown node is a clean error.
     let err = na.ham_fails(&["--node", &b, "restart", "nope"]);
     assert!(err.contains("not found"), "{err}");

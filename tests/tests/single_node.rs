@@ -577,3 +577,67 @@ fn a_client_of_a_node_that_died_gets_an_error_at_once_not_retries() {
     let out = node.try_ham(&["status"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_raise_stream_handles_every_raise_in_order_and_stops_at_the_first_bad_one() {
+    let node = TestNode::start("raisestream");
+    node.ham(&["entity", "global", "sensor"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut client = rt
+        .block_on(ham::Client::connect(&node.socket))
+        .expect("connects");
+    // 3,000 raises (within the replay buffer) without waiting for any answer: every
+    // one handled, in order.
+    let handled = rt.block_on(async {
+        let mut s = client.raise_stream().await.expect("opens");
+        for i in 0..3000 {
+            s.raise("sensor", 1, &format!("r{i}")).await.expect("sent");
+        }
+        s.finish().await.expect("finished")
+    });
+    assert_eq!(handled, 3000);
+    let details: Vec<String> = node
+        .events()
+        .iter()
+        .filter(|e| e["entity"] == "sensor" && e["kind"] == "raise")
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect();
+    let expected: Vec<String> = (0..3000).map(|i| format!("severity 1: r{i}")).collect();
+    assert_eq!(details, expected);
+
+    // The 11th names no entity: the ten before it stay handled, nothing after it is.
+    let err = rt.block_on(async {
+        let mut s = client.raise_stream().await.expect("opens");
+        for i in 0..16 {
+            let name = if i == 10 { "nosuch" } else { "sensor" };
+            if s.raise(name, 0, &format!("b{i}")).await.is_err() {
+                break;
+            }
+        }
+        s.finish().await.expect_err("refused")
+    });
+    let ham::ClientError::Status(status) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code(), tonic::Code::NotFound, "{err}");
+    assert!(
+        status.message().contains("raise 11 of this stream"),
+        "{err}"
+    );
+    let after: Vec<String> = node
+        .events()
+        .iter()
+        .filter(|e| e["entity"] == "sensor" && e["kind"] == "raise")
+        .filter_map(|e| {
+            e["detail"]
+                .as_str()?
+                .strip_prefix("severity 0: ")
+                .map(str::to_string)
+        })
+        .collect();
+    let expected: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    assert_eq!(after, expected);
+}

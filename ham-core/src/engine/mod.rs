@@ -723,6 +723,25 @@ impl Engine {
         }
     }
 
+    /// Handles requests in order as one step, so one store commit covers them all.
+    /// Stops at the first that fails (which changed nothing, as in
+    /// [`Engine::handle_request`]); returns the step, how many succeeded and that error.
+    pub fn handle_batch(
+        &mut self,
+        now: Now,
+        reqs: impl IntoIterator<Item = Request>,
+    ) -> (Step, usize, Option<EngineError>) {
+        self.now = now;
+        let mut handled = 0;
+        for req in reqs {
+            if let Err(e) = self.request(req) {
+                return (self.finish(), handled, Some(e));
+            }
+            handled += 1;
+        }
+        (self.finish(), handled, None)
+    }
+
     /// Handles a process exit, a spawn result or an action result.
     pub fn handle_input(&mut self, now: Now, input: Input) -> Step {
         self.now = now;
