@@ -1,5 +1,6 @@
-//! ham's side: `Raise` on node b's socket, a subscriber on node a's socket that follows
-//! b's events through the mesh.
+//! ham's side: raises on node b's socket over one `RaiseStream` (the way a detector
+//! reports at a high rate: no round trip per event, one store commit per batch), a
+//! subscriber on node a's socket that follows b's events through the mesh.
 
 use super::{ARRIVAL_TIMEOUT, Carrier, Flood, WINDOW, parse, payload, settle};
 use crate::cluster::Cluster;
@@ -7,13 +8,8 @@ use crate::sys::mono_ns;
 use crate::tap::{Tap, gap_size};
 use anyhow::Context;
 use ham::ham_proto::SubscribeRequest;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// Concurrent publisher connections in a flood (each `Raise` is one round trip).
-pub const PUBLISHERS: usize = 8;
 
 /// The publishing node's HAM, in the CPU figures.
 pub const PUBLISHER_NODE: &str = "b's HAM";
@@ -24,8 +20,7 @@ const ENTITY: &str = "bench";
 /// ham, publishing on b and subscribed on a.
 pub struct HamSide {
     tap: Tap,
-    publisher: ham::Client,
-    b_socket: PathBuf,
+    publisher: ham::RaiseStream,
     rt: tokio::runtime::Runtime,
     hams: [i32; 2],
 }
@@ -46,15 +41,20 @@ impl HamSide {
                 ..Default::default()
             },
         )?;
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A worker of its own: the stream is sent by the connection's task, which must
+        // run while the harness waits for arrivals outside the runtime.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()?;
         let socket = b.socket.clone();
-        let publisher = rt.block_on(ham::Client::connect(socket))?;
+        let publisher = rt.block_on(async move {
+            let mut c = ham::Client::connect(socket).await?;
+            c.raise_stream().await
+        })?;
         Ok(HamSide {
             tap,
             publisher,
-            b_socket: b.socket.clone(),
             rt,
             hams: [a.pair()?.0, b.pair()?.0],
         })
@@ -100,38 +100,25 @@ impl Carrier for HamSide {
         self.tap.drain();
         let arrived = self.tap.accounted();
         let base = arrived.load(Ordering::Relaxed);
-        let next = Arc::new(AtomicU64::new(first));
-        let sent = Arc::new(AtomicU64::new(0));
         let t0 = mono_ns();
         let end = Instant::now() + d;
+        let publisher = &mut self.publisher;
+        let before = publisher.sent();
+        let mut seq = first;
         self.rt.block_on(async {
-            let mut tasks = Vec::new();
-            for _ in 0..PUBLISHERS {
-                let (next, sent, arrived) = (next.clone(), sent.clone(), arrived.clone());
-                let socket = self.b_socket.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut c = ham::Client::connect(socket).await?;
-                    while Instant::now() < end {
-                        let in_flight = sent
-                            .load(Ordering::Relaxed)
-                            .saturating_sub(arrived.load(Ordering::Relaxed) - base);
-                        if in_flight > WINDOW {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            continue;
-                        }
-                        let seq = next.fetch_add(1, Ordering::Relaxed);
-                        c.raise(ENTITY, 0, &payload(seq, mono_ns())).await?;
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok::<_, ham::ClientError>(())
-                }));
-            }
-            for t in tasks {
-                t.await??;
+            while Instant::now() < end {
+                let in_flight = (publisher.sent() - before)
+                    .saturating_sub(arrived.load(Ordering::Relaxed) - base);
+                if in_flight > WINDOW {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                publisher.raise(ENTITY, 0, &payload(seq, mono_ns())).await?;
+                seq += 1;
             }
             Ok::<_, anyhow::Error>(())
         })?;
-        let sent = sent.load(Ordering::Relaxed);
+        let sent = publisher.sent() - before;
         settle(&arrived, base, sent);
         let mut f = Flood {
             sent,

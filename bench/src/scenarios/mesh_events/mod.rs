@@ -2,8 +2,8 @@
 //! node a (127.0.0.3 → 127.0.0.2), the same 64-byte payload carrying the sequence
 //! number and the send time (CLOCK_MONOTONIC ns).
 //!
-//! - ham: two `hamd` nodes meshed over QUIC with mutual TLS. The publisher calls
-//!   `Raise` on b's socket; the subscriber, on a's socket, subscribes with the
+//! - ham: two `hamd` nodes meshed over QUIC with mutual TLS. The publisher streams
+//!   raises to b's socket (`RaiseStream`, one stream); the subscriber, on a's socket, subscribes with the
 //!   `ham-node: b` metadata (`ham --node b events --follow --entity bench --kind
 //!   raise`), so a forwards the subscription to b over the mesh and b's events come
 //!   back that way.
@@ -227,7 +227,7 @@ fn rows(
 ) -> Vec<Row> {
     let skipped = || Versus::Nothing(format!("{} {why_no_peer}", nats::PACKAGE));
     let how = format!(
-        "{PAYLOAD}-byte payload; ham: `Raise` on b's socket → a subscriber on a's socket following b (`ham-node: b`, forwarded over the QUIC mesh, mTLS); nats: PUB to server b → route → SUB on server a"
+        "{PAYLOAD}-byte payload; ham: a `RaiseStream` to b's socket → a subscriber on a's socket following b (`ham-node: b`, forwarded over the QUIC mesh, mTLS); nats: PUB to server b → route → SUB on server a"
     );
     let lat_versus = lat.get(1).map_or_else(skipped, |s| {
         Versus::Peer(nats::PACKAGE.into(), Value::of(s))
@@ -247,16 +247,16 @@ fn rows(
         "goal ≥ 100,000 events/s per node: met".to_string()
     } else {
         format!(
-            "goal ≥ 100,000 events/s per node: NOT met ({:.0} %): the {cpus} CPUs are shared by both nodes and the publishers, and {} spends {b_cost:.0} µs of CPU per event (a `Raise` round trip on its socket, the engine step, the store commit, the stream to a)",
+            "goal ≥ 100,000 events/s per node: NOT met ({:.0} %): the {cpus} CPUs are shared by both nodes and the publishers, and {} spends {b_cost:.0} µs of CPU per event (reading the stream, the engine step, the store commit per batch, the stream to a)",
             ham_rate / 1000.0,
             ham_side::PUBLISHER_NODE,
         )
     };
-    let ham_how = format!("{} concurrent `Raise` connections", ham_side::PUBLISHERS);
+    let ham_how = "1 `RaiseStream`";
     let mut note = format!(
         "median of {} rounds of {flood_for:?}, interleaved; at most {WINDOW} events in flight; {}",
         floods[0].len(),
-        describe("ham", &ham_how, &ham_total)
+        describe("ham", ham_how, &ham_total)
     );
     if let Some(t) = &peer_total {
         note.push_str(&format!("; {}", describe("nats", "1 connection", t)));
