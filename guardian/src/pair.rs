@@ -405,6 +405,12 @@ impl GuardianEnd {
         }
     }
 
+    /// The epoll set the handed pidfds are registered in, for registering it with an
+    /// event loop before pidfds arrive (registering a full set costs milliseconds).
+    pub fn watch_set(&self) -> BorrowedFd<'_> {
+        self.watch_set.as_fd()
+    }
+
     /// What a takeover needs: the control socket's listener, the pidfds the HAM
     /// handed over (by entity), the epoll set they are all registered in, and the dead
     /// HAM's own set to close afterwards.

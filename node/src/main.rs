@@ -149,7 +149,7 @@ fn main() {
     raise_fd_limit();
     let result = match std::env::var_os(guardian::pair::GUARDIAN_ENV) {
         Some(pair) => run_guardian(args, filter, PathBuf::from(pair)),
-        None => block_on(run(args, filter, None)),
+        None => runtime().and_then(|rt| rt.block_on(run(args, filter, None))),
     };
     if let Err(e) = result {
         eprintln!("hamd: {e:#}");
@@ -157,16 +157,16 @@ fn main() {
     }
 }
 
-fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_current_thread()
+/// The runtime a HAM runs on: one thread.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // A blocking-pool thread left idling makes the HAM multithreaded when it is
         // killed, and the kernel then searches every child for a new owner of the
         // address space (milliseconds with 10,000 entities) before the Guardian can
         // take over: idle threads go quickly.
         .thread_keep_alive(std::time::Duration::from_millis(100))
-        .build()?
-        .block_on(f)
+        .build()?)
 }
 
 /// What a Guardian brings to its takeover.
@@ -179,8 +179,8 @@ struct Takeover {
     noticed: std::time::Instant,
     /// The pidfds the HAM handed over, by entity slot.
     handed: std::collections::HashMap<u32, guardian::pair::HandedProcess>,
-    /// The epoll set holding all of them.
-    watch_set: Option<std::os::fd::OwnedFd>,
+    /// The epoll set holding all of them, registered with the runtime.
+    watch_set: Option<watch::WatchSet>,
     /// The dead HAM's own watch set, closed once the takeover is done.
     dead_ham_watch_set: Option<std::os::fd::OwnedFd>,
     /// The store, locked and read.
@@ -194,12 +194,20 @@ struct Takeover {
 /// How often a waiting Guardian catches up with the HAM's committed state.
 const WARM_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// The Guardian: waits (no runtime, no threads) until its HAM asks it to stop or dies;
-/// then becomes the HAM.
+/// The Guardian: waits (its runtime made but idle) until its HAM asks it to stop or
+/// dies; then becomes the HAM.
 fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Result<()> {
     let mut end = guardian::pair::GuardianEnd::connect(&pair)
         .with_context(|| format!("the Guardian cannot reach its HAM at {}", pair.display()))?;
     tracing::debug!(ham = end.hello.ham_pid, "Guardian ready");
+    // The runtime this Guardian will run on as the HAM, made now only so that its watch
+    // set is registered with it while still empty (see `watch::register`); it does not
+    // run before the takeover.
+    let rt = runtime()?;
+    let watch_set = {
+        let _in = rt.enter();
+        watch::register(end.watch_set().try_clone_to_owned()?)?
+    };
     // The store's lock is the surest and earliest sign of the HAM's death: a thread
     // waits for it from the start, and the kernel grants it the moment the dying HAM's
     // store descriptor closes (its first, before thousands of pidfds).
@@ -264,7 +272,8 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                 let kit = end.into_takeover();
                 let takeover = Takeover {
                     store_ready,
-                    watch_set: Some(kit.watch_set),
+                    // The same epoll set, already registered (`kit.watch_set` closes).
+                    watch_set: Some(watch_set),
                     dead_ham_watch_set: kit.dead_ham_watch_set,
                     listener: kit.control_listener,
                     ham_pid,
@@ -273,7 +282,8 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                     store: Some(store),
                     warm,
                 };
-                return block_on(run(args, filter, Some(takeover)));
+                drop(kit.watch_set);
+                return rt.block_on(run(args, filter, Some(takeover)));
             }
         }
     }

@@ -240,7 +240,7 @@ impl Node {
         capacity: u32,
         opened: Option<(Store, guardian::shm::Recovered)>,
         warm: Option<crate::warm::Warm>,
-        (handed, watch_set): (HashMap<u32, HandedProcess>, Option<std::os::fd::OwnedFd>),
+        (handed, watch_set): (HashMap<u32, HandedProcess>, Option<crate::watch::WatchSet>),
     ) -> anyhow::Result<Opened> {
         let params = StoreParams {
             entity_slots: capacity,
