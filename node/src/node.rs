@@ -650,7 +650,13 @@ impl Node {
         } else {
             &e.entity
         };
-        tracing::info!(target: "ham::event", seq = e.seq.0, "{who} {}: {}", e.kind, e.detail);
+        // Detectors' raises can come by the hundred thousand a second (`RaiseStream`):
+        // they are data, logged at debug; what they set off is logged at info.
+        if e.kind == ham_core::spec::ConditionKind::Raise.as_str() {
+            tracing::debug!(target: "ham::event", seq = e.seq.0, "{who} {}: {}", e.kind, e.detail);
+        } else {
+            tracing::info!(target: "ham::event", seq = e.seq.0, "{who} {}: {}", e.kind, e.detail);
+        }
         let e = Arc::new(e);
         if self.recent.len() >= self.recent_cap {
             self.recent.pop_front();
