@@ -421,3 +421,58 @@ fn processes_of(node: &str, entity: &str) -> Vec<i32> {
     }
     found
 }
+
+/// How many of a process's descriptors are epoll sets with at least `n` descriptors
+/// in them (a watch set and its duplicates each count: epoll files share one inode, so
+/// they cannot be told apart from `/proc`).
+fn watch_set_fds(pid: i32, n: usize) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy() == "anon_inode:[eventpoll]")
+        })
+        .filter(|fd| {
+            let path = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            std::fs::read_to_string(path)
+                .is_ok_and(|i| i.lines().filter(|l| l.starts_with("tfd:")).count() >= n)
+        })
+        .count()
+}
+
+#[test]
+fn the_guardian_holds_the_hams_watch_set_and_the_next_ham_closes_it() {
+    // A dying HAM must not tear down its epoll set of pidfds (kernel work that would
+    // compete with the takeover): its Guardian holds a duplicate. After the takeover
+    // the new HAM closes the old set, so no generation keeps one more than the first.
+    let mut node = TestNode::start("watchset");
+    for i in 0..20 {
+        node.ham(&["entity", "add", &format!("e{i}"), "--", "sleep", "1000"]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running_pids(&mut node).len() < 20 {
+        assert!(Instant::now() < deadline, "the entities did not all start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ham, guardian, _) = node.wait_pair(0);
+    // The HAM: its watcher's set and the duplicate it hands each Guardian.
+    assert_eq!(watch_set_fds(ham, 20), 2);
+    // The Guardian: its own set (and the duplicate its runtime watches), and the HAM's.
+    wait_until(
+        "the Guardian holds the HAM's set beside its own",
+        10,
+        || watch_set_fds(guardian, 20) == 3,
+    );
+    for _ in 1..=3 {
+        let (new_ham, new_guardian, _) = node.kill_ham();
+        wait_until("the new HAM closed the dead HAM's set", 10, || {
+            watch_set_fds(new_ham, 20) == 2
+        });
+        wait_until("the new Guardian holds the new HAM's set", 10, || {
+            watch_set_fds(new_guardian, 20) == 3
+        });
+    }
+    assert_eq!(running_pids(&mut node).len(), 20, "nothing was lost");
+}
