@@ -607,16 +607,25 @@ impl Engine {
             }
             _ => {}
         }
-        if self
-            .entities
-            .get(&id)
-            .is_some_and(|r| r.rt.heartbeat.active)
-        {
+        let Some(rec) = self.entities.get(&id) else {
+            return;
+        };
+        let (beats, runs) = (rec.rt.heartbeat.active, !rec.runs.is_empty());
+        if beats {
             self.init_beat_index(id);
         }
-        self.resume_runs(id);
-        // Nothing changed unless a step above said so: only the timers are rebuilt.
-        self.reschedule(id);
+        if runs {
+            self.resume_runs(id);
+        }
+        // Nothing changed unless a step above said so: only the timers are rebuilt, for
+        // the entities that have any (most of 10,000 have none: a takeover skips them).
+        let stopping = self
+            .entities
+            .get(&id)
+            .is_some_and(|r| matches!(r.rt.phase, Phase::Stopping { .. }));
+        if beats || runs || stopping {
+            self.reschedule(id);
+        }
     }
 
     // ----- getters -------------------------------------------------------------
