@@ -5,7 +5,7 @@
 
 use crate::hamd::{Bins, Hamd, Launch};
 use crate::net::{free_port, host};
-use crate::sys::{SIGKILL, Scratch, kill, mono_ns};
+use crate::sys::{SIGKILL, SIGSTOP, Scratch, kill, mono_ns};
 use anyhow::{Context, bail};
 use std::collections::HashMap;
 use std::process::Command;
@@ -196,11 +196,14 @@ impl Cluster {
             .collect()
     }
 
-    /// SIGKILLs node `i`'s HAM and Guardian, one right after the other (so neither
-    /// can take over from or respawn the other); returns the time of the first kill.
+    /// SIGKILLs node `i`'s HAM and Guardian, both stopped first (so neither can take
+    /// over from or respawn the other); returns the time of the first stop.
     pub fn kill(&mut self, i: usize) -> anyhow::Result<u64> {
         let (ham, guardian) = self.node(i)?.pair()?;
+        // The node is gone from the first stop on.
         let t0 = mono_ns();
+        kill(ham, SIGSTOP);
+        kill(guardian, SIGSTOP);
         kill(ham, SIGKILL);
         kill(guardian, SIGKILL);
         Ok(t0)

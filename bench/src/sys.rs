@@ -26,6 +26,8 @@ pub fn kill(pid: i32, sig: i32) {
 
 /// SIGKILL.
 pub const SIGKILL: i32 = 9;
+/// SIGSTOP.
+pub const SIGSTOP: i32 = 19;
 /// SIGTERM.
 pub const SIGTERM: i32 = 15;
 /// SIGHUP.

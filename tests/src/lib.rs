@@ -152,11 +152,14 @@ impl TestNode {
     }
 
     /// SIGKILLs both the HAM and its Guardian: the node is gone, as when its machine
-    /// dies. Entity processes stay (they are cleaned up on drop).
+    /// dies. Entity processes stay (they are cleaned up on drop). Both are stopped
+    /// first: killed one after the other, the survivor would step in (a HAM spawns a
+    /// new Guardian within milliseconds, a Guardian takes over), and the node would
+    /// live on.
     pub fn kill_node(&mut self) {
         let (ham, guardian, _) = self.pair();
-        kill(guardian, 9);
-        kill(ham, 9);
+        signal_all(&[ham, guardian], "STOP");
+        signal_all(&[ham, guardian], "KILL");
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -431,6 +434,22 @@ pub fn kill(pid: i32, sig: i32) {
         let _ = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Sends signal `sig` (a name: `STOP`, `KILL` …) to every PID, from one `kill`.
+pub fn signal_all(pids: &[i32], sig: &str) {
+    let pids: Vec<String> = pids
+        .iter()
+        .filter(|p| **p > 0)
+        .map(i32::to_string)
+        .collect();
+    if !pids.is_empty() {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .args(&pids)
             .stderr(Stdio::null())
             .status();
     }
