@@ -224,6 +224,15 @@ fn is_broken_connection(reason: &str) -> bool {
         .any(|w| m.contains(w))
 }
 
+/// A raise of `name` (fires its `raise` conditions), for `Raise` and `RaiseStream`.
+fn raise_request(name: &str, severity: u32, message: &str) -> pb::RaiseRequest {
+    pb::RaiseRequest {
+        name: name.to_string(),
+        severity,
+        message: message.to_string(),
+    }
+}
+
 /// The generated client, over a channel that can name the node a call is for.
 pub type Api = HamClient<InterceptedService<Channel, NodeTarget>>;
 
@@ -427,11 +436,7 @@ impl Client {
         severity: u32,
         message: &str,
     ) -> Result<(), ClientError> {
-        let r = pb::RaiseRequest {
-            name: name.to_string(),
-            severity,
-            message: message.to_string(),
-        };
+        let r = raise_request(name, severity, message);
         self.call(move |mut api| {
             let r = r.clone();
             Box::pin(async move { api.raise(r).await })

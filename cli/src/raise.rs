@@ -53,11 +53,7 @@ impl RaiseStream {
         message: &str,
     ) -> Result<(), ClientError> {
         self.take_progress()?;
-        let r = pb::RaiseRequest {
-            name: name.to_string(),
-            severity,
-            message: message.to_string(),
-        };
+        let r = crate::raise_request(name, severity, message);
         let sent = match &self.tx {
             Some(tx) => tx.send(r).await.is_ok(),
             None => false,

@@ -439,6 +439,14 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
+/// A one-thread runtime for a test that talks to hamd through the client library.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Sends signal `sig` (a name: `STOP`, `KILL` …) to every PID, from one `kill`.
 pub fn signal_all(pids: &[i32], sig: &str) {
     let pids: Vec<String> = pids

@@ -520,10 +520,7 @@ fn a_subscriber_from_before_a_fresh_store_gets_a_gap_then_everything() {
     // afresh (a new container): the numbers started over.
     let node = TestNode::start("renumber");
     node.ham(&["entity", "global", "g"]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = ham_tests::runtime();
     let events: Vec<ham::ham_proto::Event> = rt.block_on(async {
         let mut c = ham::Client::connect(&node.socket).await.expect("connects");
         let req = ham::ham_proto::SubscribeRequest {
@@ -558,10 +555,7 @@ fn a_client_of_a_node_that_died_gets_an_error_at_once_not_retries() {
     // Retrying is for a takeover, where the Guardian keeps the listener; with both
     // processes gone nobody listens, and the caller must hear so promptly.
     let mut node = TestNode::start("gone");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = ham_tests::runtime();
     let mut client = rt
         .block_on(ham::Client::connect(&node.socket))
         .expect("connects");
@@ -582,10 +576,7 @@ fn a_client_of_a_node_that_died_gets_an_error_at_once_not_retries() {
 fn a_raise_stream_handles_every_raise_in_order_and_stops_at_the_first_bad_one() {
     let node = TestNode::start("raisestream");
     node.ham(&["entity", "global", "sensor"]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = ham_tests::runtime();
     let mut client = rt
         .block_on(ham::Client::connect(&node.socket))
         .expect("connects");
@@ -599,12 +590,7 @@ fn a_raise_stream_handles_every_raise_in_order_and_stops_at_the_first_bad_one() 
         s.finish().await.expect("finished")
     });
     assert_eq!(handled, 3000);
-    let details: Vec<String> = node
-        .events()
-        .iter()
-        .filter(|e| e["entity"] == "sensor" && e["kind"] == "raise")
-        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
-        .collect();
+    let details = raised(&node, "sensor");
     let expected: Vec<String> = (0..3000).map(|i| format!("severity 1: r{i}")).collect();
     assert_eq!(details, expected);
 
@@ -627,17 +613,19 @@ fn a_raise_stream_handles_every_raise_in_order_and_stops_at_the_first_bad_one() 
         status.message().contains("raise 11 of this stream"),
         "{err}"
     );
-    let after: Vec<String> = node
-        .events()
-        .iter()
-        .filter(|e| e["entity"] == "sensor" && e["kind"] == "raise")
-        .filter_map(|e| {
-            e["detail"]
-                .as_str()?
-                .strip_prefix("severity 0: ")
-                .map(str::to_string)
-        })
+    let after: Vec<String> = raised(&node, "sensor")
+        .into_iter()
+        .filter(|d| d.starts_with("severity 0: "))
         .collect();
-    let expected: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    let expected: Vec<String> = (0..10).map(|i| format!("severity 0: b{i}")).collect();
     assert_eq!(after, expected);
+}
+
+/// The details of an entity's `raise` events, oldest first.
+fn raised(node: &TestNode, entity: &str) -> Vec<String> {
+    node.events()
+        .iter()
+        .filter(|e| e["entity"] == entity && e["kind"] == "raise")
+        .map(|e| e["detail"].as_str().unwrap_or("").to_string())
+        .collect()
 }

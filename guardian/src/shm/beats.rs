@@ -65,32 +65,8 @@ impl BeatTable {
 
     /// The client's side: maps an existing table read-write and checks its header.
     pub fn open(path: &Path) -> Result<BeatTable, StoreError> {
-        let io = |source| StoreError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io)?;
-        let len = file.metadata().map_err(io)?.len() as usize;
-        if len < HEADER {
-            return Err(StoreError::BadMagic(path.to_path_buf()));
-        }
-        let region = Region::map(&file).map_err(io)?;
+        let super::Mapped { region, len, .. } = super::map_checked(path, MAGIC, VERSION, HEADER)?;
         let h = region.read(0, 16);
-        if &h[0..8] != MAGIC {
-            return Err(StoreError::BadMagic(path.to_path_buf()));
-        }
-        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
-            return Err(StoreError::UnknownVersion {
-                path: path.to_path_buf(),
-                found: version,
-                known: VERSION,
-            });
-        }
         let slots = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
         if len < Self::size(slots) {
             return Err(StoreError::Params {

@@ -73,3 +73,48 @@ pub enum StoreError {
         slot: u32,
     },
 }
+
+/// A shared-memory file opened read-write and mapped, whose first 12 bytes say it is
+/// what its reader expects: `magic`, then `version` (little-endian u32).
+struct Mapped {
+    file: std::fs::File,
+    region: region::Region,
+    len: usize,
+}
+
+/// Opens and maps `path` and checks its magic and version; `header` is the least size
+/// a valid file has.
+fn map_checked(
+    path: &std::path::Path,
+    magic: &[u8; 8],
+    version: u32,
+    header: usize,
+) -> Result<Mapped, StoreError> {
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let len = file.metadata().map_err(io)?.len() as usize;
+    if len < header {
+        return Err(StoreError::BadMagic(path.to_path_buf()));
+    }
+    let region = region::Region::map(&file).map_err(io)?;
+    let h = region.read(0, 12);
+    if &h[0..8] != magic {
+        return Err(StoreError::BadMagic(path.to_path_buf()));
+    }
+    let found = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if found != version {
+        return Err(StoreError::UnknownVersion {
+            path: path.to_path_buf(),
+            found,
+            known: version,
+        });
+    }
+    Ok(Mapped { file, region, len })
+}

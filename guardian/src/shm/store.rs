@@ -251,28 +251,8 @@ impl Peeker {
 
 /// Opens and maps a store file and validates its header and size.
 fn map_valid(path: &Path) -> Result<(File, Region, Layout), StoreError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(err_at(path))?;
-    let len = file.metadata().map_err(err_at(path))?.len() as usize;
-    if len < HEADER {
-        return Err(StoreError::BadMagic(path.to_path_buf()));
-    }
-    let region = Region::map(&file).map_err(err_at(path))?;
+    let super::Mapped { file, region, len } = super::map_checked(path, MAGIC, VERSION, HEADER)?;
     let h = region.read(0, 48);
-    if &h[0..8] != MAGIC {
-        return Err(StoreError::BadMagic(path.to_path_buf()));
-    }
-    let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(StoreError::UnknownVersion {
-            path: path.to_path_buf(),
-            found: version,
-            known: VERSION,
-        });
-    }
     if crc32fast::hash(&h[16..48]) != u32::from_le_bytes(h[12..16].try_into().expect("4")) {
         return Err(StoreError::HeaderChecksum(path.to_path_buf()));
     }
