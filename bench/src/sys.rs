@@ -147,8 +147,9 @@ pub struct Mem {
     pub shmem: u64,
     /// Pss.
     pub pss: u64,
-    /// Private_Clean + Private_Dirty (USS): what the process alone costs.
-    pub uss: u64,
+    /// Anonymous: heap, stacks and written copies of data, which no other process or
+    /// cache holds (unlike code and constants, pages of files in the page cache).
+    pub anon: u64,
 }
 
 impl Mem {
@@ -168,7 +169,7 @@ impl Mem {
             rss: field(&status, "VmRSS:"),
             shmem: field(&status, "RssShmem:"),
             pss: field(&rollup, "Pss:"),
-            uss: field(&rollup, "Private_Clean:") + field(&rollup, "Private_Dirty:"),
+            anon: field(&rollup, "Anonymous:"),
         }
     }
 
@@ -178,9 +179,10 @@ impl Mem {
             .map(|&p| Mem::of(p))
             .fold(Mem::default(), |a, b| Mem {
                 rss: a.rss + b.rss,
-                shmem: a.shmem + b.shmem,
+                // Processes that share memory map the same files: counted once.
+                shmem: a.shmem.max(b.shmem),
                 pss: a.pss + b.pss,
-                uss: a.uss + b.uss,
+                anon: a.anon + b.anon,
             })
     }
 }

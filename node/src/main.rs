@@ -191,6 +191,24 @@ struct Takeover {
     warm: Option<warm::Warm>,
 }
 
+/// How long after start (or takeover) a process gives back the pages it mapped only to
+/// start (see [`release_start_up_pages`]).
+const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Gives back the code and constant pages mapped only while starting
+/// (`guardian::shm::resident`): a daemon's resident set then shows what it runs.
+fn release_start_up_pages(role: &str) {
+    match guardian::shm::resident::release_file_pages() {
+        Ok(r) => tracing::debug!(
+            role,
+            mappings = r.mappings,
+            kib = r.kib,
+            "start-up pages given back"
+        ),
+        Err(e) => tracing::debug!(role, "cannot give back start-up pages: {e}"),
+    }
+}
+
 /// How often a waiting Guardian catches up with the HAM's committed state.
 const WARM_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -221,6 +239,7 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
         move || warm::Warm::open(&state, &abandon)
     }));
     let mut warm: Option<warm::Warm> = None;
+    let (started, mut released) = (std::time::Instant::now(), false);
     let granted = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
     let signal = granted.try_clone()?;
     let lock_path = state.clone();
@@ -244,6 +263,10 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                 }
                 if let Some(w) = warm.as_mut() {
                     w.refresh();
+                }
+                if !released && started.elapsed() >= RELEASE_AFTER && warming.is_none() {
+                    released = true;
+                    release_start_up_pages("Guardian");
                 }
             }
             guardian::pair::Wake::Stop => {
@@ -539,6 +562,10 @@ async fn run(
 
     tracing::info!(node = %name, socket = %s.socket.display(), "hamd is serving");
     notify_ready();
+    tokio::spawn(async {
+        tokio::time::sleep(RELEASE_AFTER).await;
+        release_start_up_pages("HAM");
+    });
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()

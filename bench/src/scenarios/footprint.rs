@@ -2,6 +2,10 @@
 //! processes (`sleep 1000000`), the CPU it uses while nothing happens (utime + stime
 //! over an idle window: busy polling shows here), and how long it took to start them.
 //!
+//! Then one child of each is killed and, once replaced, the resident memory is read
+//! again: a supervisor that has done its job once shows the code its work runs (ham
+//! gives back the pages it mapped only to start, one second after start).
+//!
 //! All supervisors of one size run at once, so the idle window is the same for all.
 //! For runit and s6 "the supervisor" is the sum over every `runsv` / `s6-supervise`
 //! plus `runsvdir` / `s6-svscan`; for ham the HAM plus its Guardian. VmRSS counts
@@ -20,6 +24,8 @@ struct Measured {
     mem: Mem,
     /// Per-process memory, for ham's note (HAM, Guardian).
     parts: Vec<Mem>,
+    /// Memory once one child was killed and replaced.
+    after_restart: Mem,
     processes: usize,
     cpu_percent: f64,
     startup_ns: f64,
@@ -66,13 +72,22 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         let before: Vec<u64> = own.iter().map(|p| cpu_ticks(p)).collect();
         std::thread::sleep(idle);
         let after: Vec<u64> = own.iter().map(|p| cpu_ticks(p)).collect();
+        let idle_mem: Vec<(Mem, Vec<Mem>)> = own
+            .iter()
+            .map(|p| (Mem::sum(p), p.iter().map(|&p| Mem::of(p)).collect()))
+            .collect();
+        for (sup, _) in running.iter_mut() {
+            restart_one(sup.as_mut(), n)?;
+        }
+        std::thread::sleep(Duration::from_millis(500));
         let mut measured = Vec::new();
-        for (i, (sup, startup_ns)) in running.iter().enumerate() {
+        for (i, ((sup, startup_ns), (mem, parts))) in running.iter().zip(idle_mem).enumerate() {
             let used = after[i].saturating_sub(before[i]) as f64 / ticks_per_second();
             measured.push(Measured {
                 kind: sup.kind(),
-                mem: Mem::sum(&own[i]),
-                parts: own[i].iter().map(|&p| Mem::of(p)).collect(),
+                mem,
+                parts,
+                after_restart: Mem::sum(&sup.own_pids()?),
                 processes: own[i].len(),
                 cpu_percent: used / idle.as_secs_f64() * 100.0,
                 startup_ns: *startup_ns,
@@ -85,6 +100,26 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         rows.extend(rows_for(n, idle, &measured));
     }
     Ok(rows)
+}
+
+/// Kills one of `sup`'s `n` children and waits until it is replaced.
+fn restart_one(sup: &mut dyn Supervisor, n: usize) -> anyhow::Result<()> {
+    let name = sup.kind().name();
+    let before = sut::wait_supervised(sup, n, "sleep", Duration::from_secs(60))?;
+    let victim = before[0];
+    sup.crash(victim)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = sut::wait_supervised(sup, n, "sleep", Duration::from_secs(30))?;
+        if !now.contains(&victim) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{name}: child {victim} not replaced within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
@@ -142,15 +177,29 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
         },
     );
     add(
-        format!("footprint, {n} idle children: private memory (USS) of the supervisor"),
+        format!("footprint, {n} children: RSS of the supervisor after one restart"),
         Unit::KiB,
-        &|x| x.mem.uss as f64,
+        &|x| x.after_restart.rss as f64,
         &|x| {
             format!(
-                "Private_Clean + Private_Dirty summed over {} process(es): the memory it \
-                 alone costs; RSS also counts shared text and libc pages, which the kernel \
+                "one child killed and replaced, then 0.5 s; PSS {}, private {}",
+                mib(x.after_restart.pss),
+                mib(x.after_restart.anon + x.after_restart.shmem)
+            )
+        },
+    );
+    add(
+        format!("footprint, {n} idle children: private memory of the supervisor"),
+        Unit::KiB,
+        &|x| (x.mem.anon + x.mem.shmem) as f64,
+        &|x| {
+            format!(
+                "Anonymous summed over {} process(es), plus shared memory once (ham's store \
+                 and heartbeat table: {}): the memory it alone costs. RSS also counts code \
+                 and constants, pages of files held by the page cache, which the kernel \
                  maps 64 KiB around every code fault",
-                x.processes
+                x.processes,
+                mib(x.mem.shmem)
             )
         },
     );
