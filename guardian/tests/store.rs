@@ -1,6 +1,7 @@
 //! The store against real files in /dev/shm: round trips against a model, torn
 //! writes, a writer SIGKILLed mid-commit, refusal of untrustworthy files, heartbeats.
 
+use guardian::shm::pair_lock::{PairLock, Taken};
 use guardian::shm::{BeatTable, CopyKey, Peeker, Store, StoreError, StoreParams, Txn};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -410,4 +411,105 @@ fn heartbeat_slots_count_beats_for_their_owner_only() {
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o660
     );
+}
+
+#[test]
+fn a_pair_lock_held_by_a_thread_that_exits_passes_on_as_owner_died() {
+    let f = ShmFile::new("pairlock-thread");
+    drop(Store::create(&f.0, small()).expect("creates"));
+    let holder = PairLock::open(&f.0).expect("opens");
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        assert_eq!(holder.lock().expect("locks"), Taken::Free);
+        held_tx.send(()).expect("tells");
+        let _ = exit_rx.recv();
+        // Exits holding it; the mapping stays alive (returned) for the kernel to mark.
+        holder
+    });
+    held_rx.recv().expect("held");
+    let waiter = PairLock::open(&f.0).expect("opens");
+    assert_eq!(waiter.try_lock().expect("tries"), None, "a live holder");
+    exit_tx.send(()).expect("tells");
+    let _holder = t.join().expect("joins");
+    assert_eq!(waiter.lock().expect("locks"), Taken::OwnerDied);
+    waiter.unlock().expect("unlocks");
+    assert_eq!(
+        waiter.try_lock().expect("tries"),
+        Some(Taken::Free),
+        "consistent again"
+    );
+    waiter.unlock().expect("unlocks");
+}
+
+#[test]
+fn a_pair_lock_held_by_a_process_killed_wakes_its_waiter() {
+    if let Ok(path) = std::env::var("HAM_PAIR_LOCK_CHILD") {
+        let lock = PairLock::open(std::path::Path::new(&path)).expect("child opens");
+        lock.lock().expect("child locks");
+        println!("held");
+        loop {
+            std::thread::park();
+        }
+    }
+    let f = ShmFile::new("pairlock-process");
+    drop(Store::create(&f.0, small()).expect("creates"));
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = std::process::Command::new(&exe)
+        .args([
+            "--exact",
+            "a_pair_lock_held_by_a_process_killed_wakes_its_waiter",
+            "--nocapture",
+        ])
+        .env("HAM_PAIR_LOCK_CHILD", &f.0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("child");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.contains("held") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut out, &mut line).expect("reads");
+        assert!(n > 0, "the child ended before holding the lock");
+    }
+    let waiter = PairLock::open(&f.0).expect("opens");
+    assert_eq!(waiter.try_lock().expect("tries"), None, "a live holder");
+    let locked = std::thread::spawn(move || {
+        let taken = waiter.lock().expect("locks");
+        waiter.unlock().expect("unlocks");
+        taken
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(
+        !locked.is_finished(),
+        "the lock was taken from a live holder"
+    );
+    child.kill().expect("kills");
+    let taken = locked.join().expect("joins");
+    let _ = child.wait();
+    assert_eq!(taken, Taken::OwnerDied);
+}
+
+#[test]
+fn a_pair_lock_left_held_by_a_thread_that_is_gone_names_it_and_can_be_made_anew() {
+    let f = ShmFile::new("pairlock-stale");
+    drop(Store::create(&f.0, small()).expect("creates"));
+    let path = f.0.clone();
+    // The holder unmaps the lock before it exits: the kernel cannot mark it.
+    let tid = std::thread::spawn(move || {
+        let lock = PairLock::open(&path).expect("opens");
+        assert_eq!(lock.lock().expect("locks"), Taken::Free);
+        drop(lock);
+        rustix::thread::gettid().as_raw_nonzero().get()
+    })
+    .join()
+    .expect("joins");
+    let lock = PairLock::open(&f.0).expect("opens");
+    assert_eq!(lock.try_lock().expect("tries"), None, "still held");
+    assert_eq!(lock.holder(), Some(tid));
+    lock.remake().expect("remade");
+    assert_eq!(lock.holder(), None);
+    assert_eq!(lock.try_lock().expect("tries"), Some(Taken::Free));
+    lock.unlock().expect("unlocks");
 }

@@ -183,8 +183,16 @@ struct Takeover {
     watch_set: Option<watch::WatchSet>,
     /// The dead HAM's own watch set, closed once the takeover is done.
     dead_ham_watch_set: Option<std::os::fd::OwnedFd>,
-    /// The store, locked and read.
-    store: Option<(guardian::shm::Store, guardian::shm::Recovered)>,
+    /// The store, read, with its pair lock held by this (the main) thread.
+    store: Option<(
+        guardian::shm::Store,
+        guardian::shm::Recovered,
+        guardian::shm::pair_lock::PairLock,
+    )>,
+    /// The thread that takes the store's `flock` once the dead HAM's files close.
+    flock: Option<
+        std::thread::JoinHandle<Result<guardian::shm::LockedStore, guardian::shm::StoreError>>,
+    >,
     /// How long after `noticed` the store was read.
     store_ready: std::time::Duration,
     /// The records the Guardian decoded while it waited.
@@ -242,6 +250,23 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
     let (started, mut released) = (std::time::Instant::now(), false);
     let granted = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
     let signal = granted.try_clone()?;
+    // The earliest sign of all is the pair lock, which the HAM's main thread holds for
+    // life: the kernel hands it over as the first step of that thread's death, before
+    // the dying HAM unmaps its memory (tens of milliseconds when something else holds
+    // a shared library's mapping lock) and closes its files (which frees the flock).
+    let pair_signal = granted.try_clone()?;
+    let pair_path = state.clone();
+    std::thread::spawn(move || {
+        let waited = guardian::shm::pair_lock::PairLock::open(&pair_path)
+            .map_err(std::io::Error::other)
+            .and_then(|lock| lock.lock().and_then(|_| lock.unlock()));
+        match waited {
+            Ok(()) => {
+                let _ = rustix::io::write(&pair_signal, &1u64.to_ne_bytes());
+            }
+            Err(e) => tracing::warn!("the Guardian cannot wait on the pair lock: {e}"),
+        }
+    });
     let lock_path = state.clone();
     let locker = std::thread::spawn(move || {
         let locked = guardian::shm::Store::wait_lock(&lock_path);
@@ -280,11 +305,14 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                 abandon.store(true, std::sync::atomic::Ordering::Relaxed);
                 let ham_pid = end.hello.ham_pid;
                 tracing::warn!("the HAM (pid {ham_pid}) died: the Guardian takes over");
-                let locked = locker
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the store lock thread panicked"))??;
+                // Held by this thread from now on (the waiter only passed through it);
+                // the dead HAM's flock follows when its files close.
+                let pair_lock = guardian::shm::pair_lock::PairLock::open(&state)?;
+                pair_lock.lock()?;
+                let locked = guardian::shm::Store::claim(&state)?;
                 let known = |slot, key| warm.as_ref().is_some_and(|w| w.knows(slot, key));
-                let store = guardian::shm::Store::open_known(locked, &known)?;
+                let (store, recovered) = guardian::shm::Store::open_known(locked, &known)?;
+                let store = (store, recovered, pair_lock);
                 tracing::debug!(
                     warm = warm.as_ref().map_or(0, warm::Warm::len),
                     unchanged = store.1.unchanged.len(),
@@ -303,6 +331,7 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                     noticed,
                     handed: kit.handed,
                     store: Some(store),
+                    flock: Some(locker),
                     warm,
                 };
                 drop(kit.watch_set);
@@ -435,6 +464,7 @@ async fn run(
     let store = takeover.as_mut().and_then(|t| t.store.take());
     let warm = takeover.as_mut().and_then(|t| t.warm.take());
     let dead_ham_watch_set = takeover.as_mut().and_then(|t| t.dead_ham_watch_set.take());
+    let flock = takeover.as_mut().and_then(|t| t.flock.take());
     let opening = std::time::Instant::now();
     let opened = Node::open(
         name.clone(),
@@ -455,11 +485,19 @@ async fn run(
         node.takeover_done(t.noticed);
         // Closing the dead HAM's watch set unregisters every pidfd in it: kernel work
         // done now, beside the loop, rather than in the dying HAM during the takeover.
-        if let Some(set) = dead_ham_watch_set {
-            let retire = std::thread::Builder::new().name("ham-retire".into());
-            if retire.spawn(move || drop(set)).is_err() {
-                tracing::debug!("closing the dead HAM's watch set on the loop");
+        // The same thread then waits for the dead HAM's flock and keeps it.
+        let retire = std::thread::Builder::new().name("ham-retire".into());
+        let retired = retire.spawn(move || {
+            drop(dead_ham_watch_set);
+            match flock.map(std::thread::JoinHandle::join) {
+                Some(Ok(Ok(locked))) => locked.hold_for_life(),
+                Some(Ok(Err(e))) => tracing::warn!("the store's flock: {e}"),
+                Some(Err(_)) => tracing::warn!("the store's flock thread panicked"),
+                None => {}
             }
+        });
+        if retired.is_err() {
+            tracing::warn!("cannot start the thread that retires the dead HAM's resources");
         }
         tracing::warn!(
             node = %name,

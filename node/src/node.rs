@@ -6,7 +6,9 @@ use crate::pair::{GuardianCommand, Pair, PairEvent};
 use crate::process::{self, ProcessHandle};
 use crate::time::now;
 use crate::watch::Watcher;
+use anyhow::Context;
 use guardian::pair::HandedProcess;
+use guardian::shm::pair_lock::{PairLock, Taken};
 use guardian::shm::{BeatTable, Store, StoreParams, Txn};
 use ham_core::engine::state::ExitStatus;
 use ham_core::engine::{Command, EntityStatus, Persist, RemoteOp, SignalDest, Step};
@@ -231,14 +233,46 @@ pub struct Opened {
     pub created: bool,
 }
 
+/// Takes the pair lock of the store at `path` (whose `flock` the caller holds) for
+/// the calling thread; an error if a live process holds it.
+fn take_pair_lock(path: &std::path::Path) -> anyhow::Result<PairLock> {
+    let lock = PairLock::open(path)?;
+    match lock
+        .try_lock()
+        .with_context(|| format!("store {}: its pair lock", path.display()))?
+    {
+        Some(Taken::Free) => {}
+        Some(Taken::OwnerDied) => tracing::debug!("the store's last HAM died holding it"),
+        None => match lock.holder() {
+            Some(tid) if Path::new(&format!("/proc/{tid}")).exists() => anyhow::bail!(
+                "store {} is in use: a live HAM (thread {tid}) holds its pair lock",
+                path.display()
+            ),
+            holder => {
+                tracing::warn!(
+                    "store {}: its pair lock was held by thread {holder:?}, which is gone: made anew",
+                    path.display()
+                );
+                lock.remake()?;
+                if lock.try_lock()?.is_none() {
+                    anyhow::bail!("store {}: its pair lock cannot be taken", path.display());
+                }
+            }
+        },
+    }
+    Ok(lock)
+}
+
 impl Node {
-    /// Opens (or creates) the store and the heartbeat table and rebuilds the engine.
-    /// A takeover brings the store already locked and read (`opened`).
+    /// Opens (or creates) the store and the heartbeat table, takes the store's pair
+    /// lock for the calling thread (which must be the one that runs the node: a HAM's
+    /// main thread) and rebuilds the engine. A takeover brings the store already
+    /// locked and read, and the pair lock held (`opened`).
     pub fn open(
         name: String,
         paths: NodePaths,
         capacity: u32,
-        opened: Option<(Store, guardian::shm::Recovered)>,
+        opened: Option<(Store, guardian::shm::Recovered, PairLock)>,
         warm: Option<crate::warm::Warm>,
         (handed, watch_set): (HashMap<u32, HandedProcess>, Option<crate::watch::WatchSet>),
     ) -> anyhow::Result<Opened> {
@@ -247,10 +281,15 @@ impl Node {
             ..StoreParams::default()
         };
         let t0 = std::time::Instant::now();
-        let (store, recovered, created) = match opened {
-            Some((s, r)) => (s, r, false),
-            None => Store::open_or_create(&paths.state, params)?,
+        let (store, recovered, created, pair_lock) = match opened {
+            Some((s, r, lock)) => (s, r, false, lock),
+            None => {
+                let (s, r, created) = Store::open_or_create(&paths.state, params)?;
+                (s, r, created, take_pair_lock(&paths.state)?)
+            }
         };
+        // This (the main) thread holds it for the process's life.
+        pair_lock.hold_for_life();
         let capacity = store.params().entity_slots;
         let beats = BeatTable::open_or_create(&paths.beats, capacity + 1)?;
         let t_store = t0.elapsed();
@@ -364,6 +403,7 @@ impl Node {
     fn on_pair_event(&mut self, ev: PairEvent) {
         match ev {
             PairEvent::Exited(pid) => self.on_guardian_exit(pid),
+            PairEvent::Launched(started, replaces) => self.on_guardian_launched(started, replaces),
             PairEvent::Connected(pid, result) => {
                 let Some(pair) = self.pair.as_mut() else {
                     return;
@@ -393,13 +433,26 @@ impl Node {
         if pair.has_guardian() {
             return;
         }
-        let generation = self.engine.generation().0;
-        match pair.launch(generation) {
-            Ok(new) => {
-                if pid == 0 {
+        pair.launch(self.engine.generation().0, pid);
+    }
+
+    /// A Guardian process was started (or not), replacing `replaces` (0 for none).
+    fn on_guardian_launched(
+        &mut self,
+        started: std::io::Result<Arc<ProcessHandle>>,
+        replaces: i32,
+    ) {
+        let Some(pair) = self.pair.as_mut() else {
+            return;
+        };
+        match started {
+            Ok(handle) => {
+                let new = handle.proc.pid;
+                pair.launched(handle);
+                if replaces == 0 {
                     tracing::info!(guardian = new, "Guardian started");
                 } else {
-                    let detail = format!("Guardian pid {pid} died; new Guardian pid {new}");
+                    let detail = format!("Guardian pid {replaces} died; new Guardian pid {new}");
                     tracing::warn!("{detail}");
                     let step = self
                         .engine
@@ -408,6 +461,7 @@ impl Node {
                 }
             }
             Err(e) => {
+                pair.launch_failed();
                 // Keep trying: the HAM must not stay without a Guardian.
                 tracing::error!("cannot start a Guardian: {e}; retrying in 1 s");
                 let tx = self.pair_tx.clone();

@@ -4,7 +4,7 @@
 //! first on shutdown. Waiting for a new Guardian to connect happens off the node loop,
 //! so a HAM that has just taken over answers requests meanwhile.
 
-use crate::process::{self, ProcessHandle};
+use crate::process::ProcessHandle;
 use guardian::pair::{GUARDIAN_ENV, HamEnd, Hello, PairListener};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -31,6 +31,9 @@ pub struct GuardianCommand {
 pub enum PairEvent {
     /// A Guardian process exited (`pid`), or a respawn is due (`0`).
     Exited(i32),
+    /// A Guardian process was started (or could not be), replacing the one whose
+    /// PID is given (0 for none).
+    Launched(std::io::Result<Arc<ProcessHandle>>, i32),
     /// A launched Guardian connected (or failed to).
     Connected(i32, std::io::Result<HamEnd>),
 }
@@ -48,6 +51,10 @@ pub struct Pair {
     watch_set: Arc<OwnedFd>,
     command: GuardianCommand,
     current: Option<Guardian>,
+    /// A Guardian is being started.
+    launching: bool,
+    /// Stopped for good: a Guardian started late is killed.
+    stopped: bool,
     events: mpsc::UnboundedSender<PairEvent>,
 }
 
@@ -69,6 +76,8 @@ impl Pair {
             watch_set: Arc::new(watch_set),
             command,
             current: None,
+            launching: false,
+            stopped: false,
             events,
         })
     }
@@ -81,25 +90,65 @@ impl Pair {
             .map(|g| g.handle.proc.pid)
     }
 
-    /// True if a Guardian runs or is connecting.
+    /// True if a Guardian runs, is connecting or is being started.
     pub fn has_guardian(&self) -> bool {
-        self.current.is_some()
+        self.current.is_some() || self.launching
     }
 
-    /// Starts a Guardian process; its connection is awaited off the loop and reported
-    /// as [`PairEvent::Connected`], its death as [`PairEvent::Exited`].
-    pub fn launch(&mut self, generation: u64) -> std::io::Result<i32> {
-        let child = std::process::Command::new(&self.command.exe)
+    /// Starts a Guardian process off the loop (a spawn waits while the child execs,
+    /// which with thousands of descriptors to close takes milliseconds); reported as
+    /// [`PairEvent::Launched`], then its connection as [`PairEvent::Connected`] and
+    /// its death as [`PairEvent::Exited`]. `replaces` is the PID of the Guardian that
+    /// died (0 for none).
+    pub fn launch(&mut self, generation: u64, replaces: i32) {
+        self.launching = true;
+        let mut command = std::process::Command::new(&self.command.exe);
+        command
             .args(&self.command.args)
             .env(GUARDIAN_ENV, self.listener.path())
             .stdin(Stdio::null())
             // Its own process group: a terminal's Ctrl-C is for the HAM, which then
             // stops its Guardian itself.
-            .process_group(0)
-            .spawn()?;
-        let pid = child.id() as i32;
-        drop(child);
-        let handle = Arc::new(ProcessHandle::open(process::identify(pid)?)?);
+            .process_group(0);
+        let (listener, control, watch_set, events) = (
+            self.listener.clone(),
+            self.control.clone(),
+            self.watch_set.clone(),
+            self.events.clone(),
+        );
+        let hello = Hello {
+            ham_pid: std::process::id() as i32,
+            generation,
+        };
+        tokio::task::spawn_blocking(move || {
+            let started = command.spawn().and_then(|child| {
+                let pid = child.id() as i32;
+                drop(child);
+                ProcessHandle::own_child(pid).map(Arc::new)
+            });
+            let pid = started.as_ref().map_or(0, |h| h.proc.pid);
+            let _ = events.send(PairEvent::Launched(started, replaces));
+            if pid != 0 {
+                let r = listener.accept_guardian(
+                    CONNECT_TIMEOUT,
+                    hello,
+                    control.as_fd(),
+                    watch_set.as_fd(),
+                );
+                let _ = events.send(PairEvent::Connected(pid, r));
+            }
+        });
+    }
+
+    /// A Guardian process was started (reported by [`Pair::launch`]): it becomes the
+    /// current one, watched for its death. A pair stopped meanwhile kills it.
+    pub fn launched(&mut self, handle: Arc<ProcessHandle>) {
+        self.launching = false;
+        if self.stopped {
+            let _ = handle.signal(9);
+            return;
+        }
+        let pid = handle.proc.pid;
         let events = self.events.clone();
         let waiter = handle.clone();
         let watch = tokio::spawn(async move {
@@ -112,26 +161,11 @@ impl Pair {
             end: None,
             watch,
         });
-        let (listener, control, watch_set, events) = (
-            self.listener.clone(),
-            self.control.clone(),
-            self.watch_set.clone(),
-            self.events.clone(),
-        );
-        let hello = Hello {
-            ham_pid: std::process::id() as i32,
-            generation,
-        };
-        tokio::task::spawn_blocking(move || {
-            let r = listener.accept_guardian(
-                CONNECT_TIMEOUT,
-                hello,
-                control.as_fd(),
-                watch_set.as_fd(),
-            );
-            let _ = events.send(PairEvent::Connected(pid, r));
-        });
-        Ok(pid)
+    }
+
+    /// A Guardian could not be started.
+    pub fn launch_failed(&mut self) {
+        self.launching = false;
     }
 
     /// A launched Guardian connected: true if it is the current one and now holds the
@@ -193,6 +227,7 @@ impl Pair {
 
     /// Stops the Guardian: asks it, waits for its exit, SIGKILLs it after a timeout.
     pub async fn stop_guardian(&mut self) {
+        self.stopped = true;
         let Some(mut g) = self.current.take() else {
             return;
         };

@@ -53,6 +53,19 @@ pub struct ProcessHandle {
 }
 
 impl ProcessHandle {
+    /// Opens a pidfd for `pid`, a child of this process that nobody has reaped: its
+    /// PID cannot have been reused, so no start time is read (`start_time` is 0).
+    /// Reading it would wait while the child is still in `exec`, which can take
+    /// milliseconds when the kernel is busy with the shared libraries it maps.
+    pub fn own_child(pid: i32) -> io::Result<ProcessHandle> {
+        let raw = Pid::from_raw(pid)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid must be positive"))?;
+        Ok(ProcessHandle {
+            proc: ProcessRef { pid, start_time: 0 },
+            fd: pidfd_open(raw, PidfdFlags::empty())?,
+        })
+    }
+
     /// Opens a pidfd for `proc`, then checks the start time: a PID that was reused
     /// by another process since is refused (`NotFound`).
     pub fn open(proc: ProcessRef) -> io::Result<ProcessHandle> {

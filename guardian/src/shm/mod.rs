@@ -1,10 +1,12 @@
 //! Shared memory: the crash-consistent state store and the heartbeat table.
 //!
 //! This is the only module of the workspace with `unsafe` code, all of it in
-//! [`region`] (raw access to shared maps) and [`resident`] (giving back start-up
-//! pages), each block justified by a `// SAFETY:` comment.
+//! [`region`] (raw access to shared maps), [`pair_lock`] (a robust process-shared
+//! mutex) and [`resident`] (giving back start-up pages), each block justified by a
+//! `// SAFETY:` comment.
 
 pub mod beats;
+pub mod pair_lock;
 mod region;
 pub mod resident;
 pub mod store;

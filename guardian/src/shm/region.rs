@@ -45,6 +45,15 @@ impl Region {
         unsafe { &*(self.map.as_mut_ptr().add(offset) as *const AtomicU64) }
     }
 
+    /// A raw pointer to `len` bytes at `offset` (`align`-aligned and in bounds, or
+    /// this panics), for an object that other processes use through the same
+    /// pointer-based calls (the pair lock's mutex). Using it is `unsafe` for the caller.
+    pub fn raw_at(&self, offset: usize, len: usize, align: usize) -> *mut u8 {
+        self.check(offset, len, align);
+        // SAFETY: in bounds (checked): the pointer stays inside the mapping.
+        unsafe { self.map.as_mut_ptr().add(offset) }
+    }
+
     /// Copies `bytes` into the map at `offset`.
     pub fn write(&self, offset: usize, bytes: &[u8]) {
         self.check(offset, bytes.len(), 1);

@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 const MAGIC: &[u8; 8] = b"HAMSTOR1";
-const VERSION: u32 = 1;
+/// Layout version 2: the pair lock at `pair_lock::OFFSET`.
+const VERSION: u32 = 2;
 const HEADER: usize = 4096;
 const COMMITTED_AT: usize = 64;
 const SLOT: usize = 64;
@@ -249,6 +250,11 @@ impl Peeker {
     }
 }
 
+/// Maps a valid store file (for its pair lock).
+pub(super) fn map_region(path: &Path) -> Result<Region, StoreError> {
+    map_valid(path).map(|(_, region, _)| region)
+}
+
 /// Opens and maps a store file and validates its header and size.
 fn map_valid(path: &Path) -> Result<(File, Region, Layout), StoreError> {
     let super::Mapped { file, region, len } = super::map_checked(path, MAGIC, VERSION, HEADER)?;
@@ -281,6 +287,14 @@ pub struct LockedStore {
     file: File,
     region: Region,
     layout: Layout,
+}
+
+impl LockedStore {
+    /// Keeps the store's `flock` until this process exits (the lock goes with the
+    /// process, as the kernel releases it).
+    pub fn hold_for_life(self) {
+        std::mem::forget(self.file);
+    }
 }
 
 /// A set of record writes and events committed together.
@@ -432,6 +446,7 @@ impl Store {
         let crc = crc32fast::hash(&h[16..48]);
         h[12..16].copy_from_slice(&crc.to_le_bytes());
         region.write(0, &h);
+        super::pair_lock::init(&region).map_err(err_at(path))?;
         region.u64_at(COMMITTED_AT).store(0, Ordering::Release);
         Ok(Store {
             path: path.to_path_buf(),
@@ -481,6 +496,20 @@ impl Store {
         // Validated first, so a foreign file says so whoever holds it; then the lock.
         let (file, region, layout) = map_valid(path)?;
         lock(&file, path, wait)?;
+        Ok(LockedStore {
+            path: path.to_path_buf(),
+            file,
+            region,
+            layout,
+        })
+    }
+
+    /// Validates and maps the store for a Guardian whose HAM died holding the pair
+    /// lock, which the caller's thread now holds ([`super::pair_lock`]): the dying
+    /// HAM still holds the `flock` until its files close, and the caller takes it
+    /// then ([`Store::wait_lock`], [`LockedStore::hold_for_life`]).
+    pub fn claim(path: &Path) -> Result<LockedStore, StoreError> {
+        let (file, region, layout) = map_valid(path)?;
         Ok(LockedStore {
             path: path.to_path_buf(),
             file,
