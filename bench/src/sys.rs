@@ -24,6 +24,47 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
+/// While it lives, this process is a child subreaper: the processes its children
+/// orphan become its children, and [`Subreaper::reap`] collects them. A HAM's
+/// generations are such orphans (each new HAM is a child of the one that died); left
+/// to this machine's PID 1, their deaths cost it milliseconds of CPU each, in the
+/// middle of the takeover being measured. A service manager that starts `hamd` is its
+/// subreaper in life.
+pub struct Subreaper(());
+
+impl Subreaper {
+    /// Makes this process a child subreaper.
+    pub fn new() -> anyhow::Result<Subreaper> {
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .context("PR_SET_CHILD_SUBREAPER")?;
+        Ok(Subreaper(()))
+    }
+
+    /// Reaps `pid` (a child, or an orphan adopted), waiting up to `timeout` for it
+    /// to exit; false if it did not.
+    pub fn reap(&self, pid: i32, timeout: Duration) -> bool {
+        let Some(p) = rustix::process::Pid::from_raw(pid) else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+                Ok(Some(_)) | Err(_) => return true,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Ok(None) => return false,
+            }
+        }
+    }
+}
+
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        let _ = rustix::process::set_child_subreaper(None);
+    }
+}
+
 /// SIGKILL.
 pub const SIGKILL: i32 = 9;
 /// SIGSTOP.

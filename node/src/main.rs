@@ -488,6 +488,9 @@ async fn run(
         // The same thread then waits for the dead HAM's flock and keeps it.
         let retire = std::thread::Builder::new().name("ham-retire".into());
         let retired = retire.spawn(move || {
+            // Cleanup: it yields the CPUs to the new HAM's first answers (the calling
+            // thread alone is reniced: `None` is the caller, a thread on Linux).
+            let _ = rustix::process::setpriority_process(None, 19);
             drop(dead_ham_watch_set);
             match flock.map(std::thread::JoinHandle::join) {
                 Some(Ok(Ok(locked))) => locked.hold_for_life(),

@@ -13,7 +13,7 @@ use crate::hamd::Hamd;
 use crate::report::{Row, Unit, Value, Versus};
 use crate::stats::Samples;
 use crate::sut::ham::entities_config;
-use crate::sys::{SIGKILL, Scratch, kill, mono_ns};
+use crate::sys::{SIGKILL, Scratch, Subreaper, kill, mono_ns};
 use anyhow::bail;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         plan = sizes.iter().map(|&n| (n, ctx.pick(60, 10))).collect();
     }
     let sleep = ["sleep".to_string(), "1000000".to_string()];
+    let reaper = Subreaper::new()?;
     let mut rows = Vec::new();
     for (entities, samples) in plan {
         eprintln!("   {entities} entities, {samples} takeovers");
@@ -102,6 +103,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             if now != before || st.entities.iter().any(|e| e.restarts > 0) {
                 bail!("round {round}: an entity was restarted or lost across the takeover");
             }
+            reaper.reap(ham, Duration::from_secs(10));
+        }
+        let last = hamd.pair().ok();
+        drop(hamd);
+        for pid in last.into_iter().flat_map(|(h, g)| [h, g]) {
+            reaper.reap(pid, Duration::from_secs(5));
         }
         let goal = "goal: p99 ≤ 20 ms at 10,000 entities";
         let why = "no peer has a HAM/Guardian pair";
