@@ -72,14 +72,23 @@ impl Region {
 
     /// Copies `len` bytes out of the map at `offset`.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
-        self.check(offset, len, 1);
         let mut out = vec![0u8; len];
-        // SAFETY: the source range is inside the mapping (checked); `out` is a fresh
-        // buffer of exactly `len` bytes that does not overlap the map.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(offset), out.as_mut_ptr(), len)
-        }
+        self.read_into(offset, &mut out);
         out
+    }
+
+    /// Fills `out` with the bytes of the map at `offset`.
+    pub fn read_into(&self, offset: usize, out: &mut [u8]) {
+        self.check(offset, out.len(), 1);
+        // SAFETY: the source range is inside the mapping (checked); `out` is a Rust
+        // buffer of exactly that length, outside the map, so they cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        }
     }
 
     /// Flushes nothing (tmpfs) but orders our writes before later atomics.

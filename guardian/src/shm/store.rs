@@ -362,23 +362,35 @@ impl Allocator {
         Some(at)
     }
 
-    /// Marks an extent as used (rebuilding from the records).
-    fn reserve(&mut self, at: u64, len: u64) -> bool {
-        let Some((&start, &size)) = self.free.range(..=at).next_back() else {
-            return false;
-        };
-        if at + len > start + size {
-            return false;
+    /// The arena's size.
+    fn capacity(&self) -> u64 {
+        self.free.values().sum::<u64>() + self.used
+    }
+
+    /// The allocator of an arena of `size` whose used extents are `used` (offset,
+    /// length, owner), sorted here; the owner of an extent that overlaps another or
+    /// the arena's end is the error.
+    fn from_used(size: u64, used: &mut [(u64, u64, u32)]) -> Result<Allocator, u32> {
+        used.sort_unstable();
+        let mut free = Vec::with_capacity(used.len() + 1);
+        let (mut at, mut total) = (0u64, 0u64);
+        for &(off, len, owner) in used.iter() {
+            if off < at || off + len > size {
+                return Err(owner);
+            }
+            if off > at {
+                free.push((at, off - at));
+            }
+            at = off + len;
+            total += len;
         }
-        self.free.remove(&start);
-        if at > start {
-            self.free.insert(start, at - start);
+        if size > at {
+            free.push((at, size - at));
         }
-        if start + size > at + len {
-            self.free.insert(at + len, start + size - at - len);
-        }
-        self.used += len;
-        true
+        Ok(Allocator {
+            free: free.into_iter().collect(),
+            used: total,
+        })
     }
 
     fn release(&mut self, at: u64, len: u64) {
@@ -554,13 +566,20 @@ impl Store {
             ..Default::default()
         };
         let slots = self.layout.params.entity_slots;
+        // Records' metadata and events' heads are read into buffers on the stack:
+        // thousands of allocations would cost more than the bytes.
+        let mut slot_bytes = [0u8; SLOT];
+        let mut used: Vec<(u64, u64, u32)> = Vec::with_capacity(slots as usize + 1);
         for slot in 0..=slots {
             let mut metas = [CopyMeta::default(); 2];
             let mut best: Option<usize> = None;
+            self.region
+                .read_into(self.layout.copy_at(slot, 0), &mut slot_bytes);
             for c in 0..2 {
-                let at = self.layout.copy_at(slot, c);
-                match CopyMeta::decode(&self.region.read(at, COPY)) {
-                    Some(m) if m.txn > self.committed => self.region.write(at, &[0u8; COPY]),
+                match CopyMeta::decode(&slot_bytes[c * COPY..(c + 1) * COPY]) {
+                    Some(m) if m.txn > self.committed => self
+                        .region
+                        .write(self.layout.copy_at(slot, c), &[0u8; COPY]),
                     Some(m) => {
                         metas[c] = m;
                         if best.is_none_or(|b| metas[b].txn < m.txn) {
@@ -573,15 +592,10 @@ impl Store {
             if let Some(b) = best {
                 let m = metas[b];
                 if let Some((off, len)) = m.extent() {
-                    if off + u64::from(m.len) > self.layout.params.arena_bytes
-                        || !self.alloc.reserve(off, len)
-                    {
-                        return Err(StoreError::Corrupt {
-                            path: self.path.clone(),
-                            slot,
-                            reason: "its blob lies outside the arena or overlaps another".into(),
-                        });
+                    if off + u64::from(m.len) > self.layout.params.arena_bytes {
+                        return Err(self.overlap(slot));
                     }
+                    used.push((off, len, slot));
                     let key = CopyKey {
                         txn: m.txn,
                         crc: m.crc,
@@ -610,10 +624,13 @@ impl Store {
             }
             self.dir.push((metas, best));
         }
+        self.alloc = Allocator::from_used(self.alloc.capacity(), &mut used)
+            .map_err(|slot| self.overlap(slot))?;
         let entry = self.layout.params.event_entry_bytes as usize;
+        let mut head = [0u8; EVENT_HEAD];
         for i in 0..self.layout.params.event_slots as usize {
             let at = self.layout.events + i * entry;
-            let head = self.region.read(at, EVENT_HEAD);
+            self.region.read_into(at, &mut head);
             if head.iter().all(|b| *b == 0) {
                 continue;
             }
@@ -622,7 +639,7 @@ impl Store {
             let len = u32::from_le_bytes(head[16..20].try_into().expect("4")) as usize;
             let crc = u32::from_le_bytes(head[20..24].try_into().expect("4"));
             let fits = len <= entry - EVENT_HEAD;
-            let payload = if fits {
+            let payload = if fits && txn <= self.committed {
                 self.region.read(at + EVENT_HEAD, len)
             } else {
                 Vec::new()
@@ -635,6 +652,14 @@ impl Store {
         }
         rec.events.sort_by_key(|(s, _)| *s);
         Ok(rec)
+    }
+
+    fn overlap(&self, slot: u32) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            slot,
+            reason: "its blob lies outside the arena or overlaps another".into(),
+        }
     }
 
     /// Writes and commits a transaction; validates first and writes nothing if invalid.
