@@ -320,7 +320,7 @@ impl Node {
                 store,
                 beats,
                 paths,
-                watcher: Watcher::new(watch_set)?,
+                watcher: Watcher::new(watch_set, handed.len())?,
                 inputs_tx,
                 inputs_rx,
                 immediate: VecDeque::new(),

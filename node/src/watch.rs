@@ -36,14 +36,15 @@ pub struct Watcher {
 
 impl Watcher {
     /// A watcher over `prepared` (an epoll set a Guardian filled) or a new, empty set.
-    pub fn new(prepared: Option<WatchSet>) -> io::Result<Watcher> {
+    /// `expected` processes are about to be watched (those a takeover adopts).
+    pub fn new(prepared: Option<WatchSet>, expected: usize) -> io::Result<Watcher> {
         let epoll = match prepared {
             Some(set) => set,
             None => register(epoll::create(CreateFlags::CLOEXEC)?)?,
         };
         Ok(Watcher {
             epoll,
-            procs: HashMap::new(),
+            procs: HashMap::with_capacity(expected),
         })
     }
 

@@ -565,7 +565,6 @@ impl Engine {
     /// into the `resumed` (or, for a takeover, `takeover`) event.
     pub fn resume(&mut self, now: Now, how: Resume, note: &str) -> Step {
         self.now = now;
-        let ids: Vec<EntityId> = self.entities.keys().copied().collect();
         let kind = match how {
             Resume::Adopted => EventKind::Resumed,
             Resume::Takeover => {
@@ -575,21 +574,39 @@ impl Engine {
             }
         };
         self.emit("", kind.as_str(), note.to_string());
-        for id in ids {
+        // One pass watches every running process again; the few entities with more to
+        // resume (a start in flight, heartbeats, recovery runs, a stop) come after.
+        let mut more = Vec::new();
+        for (&id, rec) in &self.entities {
+            if let Phase::Running { proc } | Phase::Stopping { proc, .. } = &rec.rt.phase {
+                self.out.commands.push(Command::Watch {
+                    entity: id,
+                    proc: *proc,
+                });
+            }
+            if matches!(
+                rec.rt.phase,
+                Phase::Starting { .. } | Phase::Stopping { .. }
+            ) || rec.rt.heartbeat.active
+                || !rec.runs.is_empty()
+            {
+                more.push(id);
+            }
+        }
+        for id in more {
             self.resume_entity(id);
         }
         self.finish()
     }
 
+    /// Resumes what an entity has beyond its watched process (see [`Engine::resume`]).
     fn resume_entity(&mut self, id: EntityId) {
         let Some(rec) = self.entities.get(&id) else {
             return;
         };
         // The heartbeat table lives in shared memory too: slots keep their owners.
         match rec.rt.phase.clone() {
-            Phase::Running { proc } | Phase::Stopping { proc, .. } => {
-                self.out.commands.push(Command::Watch { entity: id, proc });
-            }
+            Phase::Running { .. } | Phase::Stopping { .. } => {}
             Phase::Starting { nonce, .. } => {
                 // The spawn's outcome was lost with the old HAM. Its process may exist:
                 // the driver adopts it by its nonce, or starts it if it does not.
