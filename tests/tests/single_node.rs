@@ -183,6 +183,46 @@ fn stopped_hamd_leaves_entities_running_and_the_next_one_adopts_them() {
 }
 
 #[test]
+fn a_pair_lock_held_by_a_live_thread_refuses_a_start_and_one_left_by_a_gone_thread_is_remade() {
+    use guardian::shm::pair_lock::{PairLock, Taken};
+    let mut node = TestNode::start("pairlock");
+    node.ham(&["entity", "add", "svc", "--", "sleep", "1000"]);
+    let pid = pid_of(&node.wait_entity("svc", "start", |e| e["state"] == "running"));
+    node.ham(&["stop"]);
+    assert!(node.wait_exit().success());
+
+    // A live thread of another process (this test) holds the pair lock: refused.
+    let state = node.state.clone();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let lock = PairLock::open(&state).expect("opens");
+        assert_eq!(
+            lock.lock().expect("locks"),
+            Taken::OwnerDied,
+            "the HAM died holding it"
+        );
+        held_tx.send(()).expect("tells");
+        let _ = release_rx.recv();
+        // Gone without unlocking, its mapping dropped first: the kernel cannot mark it.
+        drop(lock);
+    });
+    held_rx.recv().expect("held");
+    let refused = node
+        .launch()
+        .expect_err("a store whose pair lock is held is refused");
+    assert!(refused.contains("a live HAM"), "{refused}");
+    assert!(alive(pid), "the refused start touched nothing");
+
+    // The holder is gone, the lock still says it holds it: the next start remakes it.
+    release_tx.send(()).expect("tells");
+    holder.join().expect("joins");
+    node.launch().expect("hamd starts over a stale pair lock");
+    let e = node.entity("svc");
+    assert_eq!((pid_of(&e), e["state"].as_str()), (pid, Some("running")));
+}
+
+#[test]
 fn heartbeat_missed_low_and_high_fire_at_their_thresholds() {
     let beater = bin("ham-test-beater");
     let config = format!(
