@@ -31,6 +31,23 @@ impl Drop for ShmFile {
     }
 }
 
+/// Runs test `name` of this test binary in a child process, with `env` set (which
+/// makes that test play the child's part) and its stdout as given.
+fn child_test(
+    name: &str,
+    env: (&str, &std::path::Path),
+    stdout: std::process::Stdio,
+) -> std::process::Child {
+    let exe = std::env::current_exe().expect("test binary");
+    std::process::Command::new(exe)
+        .args(["--exact", name, "--nocapture"])
+        .env(env.0, env.1)
+        .stdout(stdout)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("child")
+}
+
 fn small() -> StoreParams {
     StoreParams {
         entity_slots: 8,
@@ -239,21 +256,14 @@ fn a_writer_killed_at_random_moments_leaves_consistent_records() {
         event_entry_bytes: 64,
     };
     drop(Store::create(&f.0, params).expect("creates"));
-    let exe = std::env::current_exe().expect("test binary");
     let mut last = 0u64;
     let mut seed = 0x9e3779b97f4a7c15u64;
     for round in 0..120 {
-        let mut child = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "a_writer_killed_at_random_moments_leaves_consistent_records",
-                "--nocapture",
-            ])
-            .env("HAM_STORE_CRASH_CHILD", &f.0)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("child");
+        let mut child = child_test(
+            "a_writer_killed_at_random_moments_leaves_consistent_records",
+            ("HAM_STORE_CRASH_CHILD", &f.0),
+            std::process::Stdio::null(),
+        );
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -454,18 +464,11 @@ fn a_pair_lock_held_by_a_process_killed_wakes_its_waiter() {
     }
     let f = ShmFile::new("pairlock-process");
     drop(Store::create(&f.0, small()).expect("creates"));
-    let exe = std::env::current_exe().expect("test binary");
-    let mut child = std::process::Command::new(&exe)
-        .args([
-            "--exact",
-            "a_pair_lock_held_by_a_process_killed_wakes_its_waiter",
-            "--nocapture",
-        ])
-        .env("HAM_PAIR_LOCK_CHILD", &f.0)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("child");
+    let mut child = child_test(
+        "a_pair_lock_held_by_a_process_killed_wakes_its_waiter",
+        ("HAM_PAIR_LOCK_CHILD", &f.0),
+        std::process::Stdio::piped(),
+    );
     let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     while !line.contains("held") {

@@ -254,6 +254,8 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
     // life: the kernel hands it over as the first step of that thread's death, before
     // the dying HAM unmaps its memory (tens of milliseconds when something else holds
     // a shared library's mapping lock) and closes its files (which frees the flock).
+    // Mapped now, locked by this thread at the takeover (not a step on its path).
+    let pair_lock = guardian::shm::pair_lock::PairLock::open(&state)?;
     let pair_signal = granted.try_clone()?;
     let pair_path = state.clone();
     std::thread::spawn(move || {
@@ -307,7 +309,6 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                 tracing::warn!("the HAM (pid {ham_pid}) died: the Guardian takes over");
                 // Held by this thread from now on (the waiter only passed through it);
                 // the dead HAM's flock follows when its files close.
-                let pair_lock = guardian::shm::pair_lock::PairLock::open(&state)?;
                 pair_lock.lock()?;
                 let locked = guardian::shm::Store::claim(&state)?;
                 let known = |slot, key| warm.as_ref().is_some_and(|w| w.knows(slot, key));
