@@ -236,7 +236,8 @@ pub fn cpu_ticks(pids: &[i32]) -> u64 {
         .sum()
 }
 
-/// A scratch directory on tmpfs (`/dev/shm`), removed on drop.
+/// A scratch directory on tmpfs (`/dev/shm`), removed on drop unless `HAM_BENCH_KEEP`
+/// is set (then its path is printed, to read the nodes' logs after a run).
 pub struct Scratch(PathBuf);
 
 impl Scratch {
@@ -287,6 +288,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::env::var_os("HAM_BENCH_KEEP").is_some() {
+            eprintln!("   kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

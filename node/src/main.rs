@@ -206,6 +206,8 @@ const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// Gives back the code and constant pages mapped only while starting
 /// (`guardian::shm::resident`): a daemon's resident set then shows what it runs.
 fn release_start_up_pages(role: &str) {
+    let heap_trimmed = guardian::shm::resident::release_free_heap();
+    tracing::debug!(role, heap_trimmed, "free heap given back");
     match guardian::shm::resident::release_file_pages() {
         Ok(r) => tracing::debug!(
             role,

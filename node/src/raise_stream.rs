@@ -1,7 +1,8 @@
 //! `RaiseStream`: many raises over one stream. What has arrived when the node loop is
-//! free is handed to it as one batch (one engine step, one store commit), and each
-//! batch is answered with the cumulative count handled, so that a detector reporting
-//! at a high rate pays neither a round trip nor a commit per event.
+//! free is handed to it as one batch (one engine step, one store commit), and the
+//! stream is answered with the cumulative count handled (counts merged over at most
+//! [`PROGRESS_EVERY`]), so that a detector reporting at a high rate pays neither a
+//! round trip nor a commit per event.
 
 use crate::convert;
 use crate::node::Msg;
@@ -17,6 +18,11 @@ use tonic::{Status, Streaming};
 /// The most raises handed to the node loop at once.
 pub const MAX_BATCH: usize = 256;
 
+/// How long a count of handled raises may wait before it is sent. Counts are merged
+/// over this time: an answer per batch cost the HAM a write to the caller right after
+/// each event went out, on the CPU the event's next hop needed (see BENCHMARKS.md).
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// The answers of one stream: progress counts, then at most one error.
 pub type ProgressStream = ReceiverStream<Result<pb::RaiseProgress, Status>>;
 
@@ -29,8 +35,22 @@ pub fn serve(node: mpsc::Sender<Msg>, mut inbound: Streaming<pb::RaiseRequest>) 
     let (out, rx) = mpsc::channel(8);
     tokio::spawn(async move {
         let mut handled = 0u64;
+        // A count not yet sent, and when it is due.
+        let mut unsent: Option<tokio::time::Instant> = None;
         loop {
-            let (batch, ended) = match next_batch(&mut inbound).await {
+            let next = match unsent {
+                Some(due) => tokio::select! {
+                    biased;
+                    b = next_batch(&mut inbound) => b,
+                    () = tokio::time::sleep_until(due) => {
+                        unsent = None;
+                        let _ = out.try_send(Ok(pb::RaiseProgress { handled }));
+                        continue;
+                    }
+                },
+                None => next_batch(&mut inbound).await,
+            };
+            let (batch, ended) = match next {
                 Ok(b) => b,
                 Err(status) => {
                     let _ = out.send(Err(status)).await;
@@ -49,7 +69,6 @@ pub fn serve(node: mpsc::Sender<Msg>, mut inbound: Streaming<pb::RaiseRequest>) 
                     return;
                 };
                 handled += done as u64;
-                let _ = out.try_send(Ok(pb::RaiseProgress { handled }));
                 if let Some(e) = err {
                     let s = convert::status_of(e);
                     let message = format!(
@@ -57,12 +76,13 @@ pub fn serve(node: mpsc::Sender<Msg>, mut inbound: Streaming<pb::RaiseRequest>) 
                         index + done as u64 + 1,
                         s.message()
                     );
+                    let _ = out.try_send(Ok(pb::RaiseProgress { handled }));
                     let _ = out.send(Err(Status::new(s.code(), message))).await;
                     return;
                 }
+                unsent.get_or_insert_with(|| tokio::time::Instant::now() + PROGRESS_EVERY);
             }
             if ended {
-                // The final count, waited for: the client's `finish` reads it.
                 let _ = out.send(Ok(pb::RaiseProgress { handled })).await;
                 return;
             }

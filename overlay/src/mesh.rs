@@ -364,12 +364,26 @@ fn transport_config() -> quinn::TransportConfig {
     t.receive_window((8u32 << 20).into());
     t.datagram_receive_buffer_size(Some(256 * 1024));
     t.keep_alive_interval(Some(Duration::from_millis(500)));
+    t.ack_frequency_config(Some(ack_frequency()));
     t.max_idle_timeout(Some(
         Duration::from_secs(5)
             .try_into()
             .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))),
     ));
     t
+}
+
+/// How often a peer acknowledges what this node sends (the QUIC ACK frequency
+/// extension). By default QUIC acknowledges every other packet at once: with events
+/// sent one by one, every other event made the receiving node send an ACK and woke the
+/// sender to read it, on the path of the event to its subscriber (~40 µs each, in the
+/// scheduler trace of BENCHMARKS.md). A peer now acknowledges after 32 packets, after
+/// 5 ms, or at once on a gap (a loss), which is what loss detection needs.
+fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(31u32.into())
+        .max_ack_delay(Some(Duration::from_millis(5)));
+    acks
 }
 
 /// What the networking tasks share.

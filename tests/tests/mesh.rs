@@ -707,3 +707,56 @@ fn cluster_subscribers_resume_after_a_reconnect_and_are_told_of_gaps() {
         from_b.last()
     );
 }
+
+#[test]
+fn a_node_that_stalls_does_not_blame_its_peers() {
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, c] = names("t");
+    certs(&certs_dir.path, &[&a, &b, &c]);
+    let port = port();
+    let mut na = node(&certs_dir.path, &a, 2, port, None, None);
+    let nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), None);
+    let nc = node(&certs_dir.path, &c, 4, port, Some((2, port)), None);
+    let all = [a.as_str(), b.as_str(), c.as_str()];
+    for n in [&na, &nb, &nc] {
+        wait_until("every node sees every other up", 10, || all_up(n, &all));
+    }
+    // a's HAM is frozen for longer than a probe may wait for its answer, again and
+    // again: its timers are all overdue when it runs again, with its peers' answers
+    // already waiting in its socket. Its peers did answer; a must read those answers
+    // before it judges anyone.
+    let (ham, _, _) = na.pair();
+    for _ in 0..12 {
+        ham_tests::kill(ham, libc_sig::STOP);
+        std::thread::sleep(Duration::from_millis(180));
+        ham_tests::kill(ham, libc_sig::CONT);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let blamed: Vec<Value> = na
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "node-suspect" || e["kind"] == "node-down")
+        .collect();
+    assert!(
+        blamed.is_empty(),
+        "a blamed its peers for its own stall: {blamed:?}"
+    );
+    // The others may have suspected a (it did not answer while frozen), but a's
+    // refutation reached them in time: nobody was declared down.
+    for n in [&nb, &nc] {
+        assert!(
+            n.events().iter().all(|e| e["kind"] != "node-down"),
+            "{} declared a node down",
+            n.name
+        );
+    }
+    for n in [&na, &nb, &nc] {
+        assert!(all_up(n, &all), "{} does not see all up", n.name);
+    }
+}
+
+/// Signal numbers for `ham_tests::kill`.
+mod libc_sig {
+    pub const STOP: i32 = 19;
+    pub const CONT: i32 = 18;
+}

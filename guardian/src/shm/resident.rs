@@ -11,6 +11,19 @@
 
 use std::io::{self, BufRead};
 
+/// Gives the C allocator's free memory back to the kernel (glibc's `malloc_trim`):
+/// the top of every arena and each free page inside them. Loading a large config
+/// frees much more than it keeps (10,000 entities: tens of MiB of parse trees and
+/// intermediate copies), and glibc keeps freed memory mapped for reuse; a daemon that
+/// stays up for months should not carry its start-up peak. Returns whether anything
+/// was given back.
+pub fn release_free_heap() -> bool {
+    // SAFETY: `malloc_trim` is glibc's own entry point, safe to call at any time from
+    // any thread: it takes each arena's lock and only unmaps or `MADV_DONTNEED`s
+    // chunks that are free, so no live allocation is touched.
+    unsafe { libc::malloc_trim(0) != 0 }
+}
+
 /// What [`release_file_pages`] gave back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Released {

@@ -20,9 +20,35 @@ const ENTITY: &str = "bench";
 /// ham, publishing on b and subscribed on a.
 pub struct HamSide {
     tap: Tap,
+    /// Publishes the floods, its connection driven by a worker thread of `rt`.
     publisher: ham::RaiseStream,
     rt: tokio::runtime::Runtime,
+    /// Publishes the latency samples, from the harness's own thread (see [`send_now`]).
+    single: ham::RaiseStream,
+    single_rt: tokio::runtime::Runtime,
     hams: [i32; 2],
+}
+
+/// How many times [`send_now`] lets the connection's tasks run: enough for the
+/// request body's pipe task and the HTTP/2 connection task to write the frame.
+const DRIVE_TURNS: usize = 1;
+
+/// Sends one raise and drives the connection's tasks on this very thread until the
+/// frame is on the socket, then returns: as the nats client writes its PUB from the
+/// harness's thread, with no hand-over to another thread first. If the turns were too
+/// few the frame would wait for the next sample, and this one would time out.
+fn send_now(
+    rt: &tokio::runtime::Runtime,
+    publisher: &mut ham::RaiseStream,
+    msg: &str,
+) -> anyhow::Result<()> {
+    rt.block_on(async {
+        publisher.raise(ENTITY, 0, msg).await?;
+        for _ in 0..DRIVE_TURNS {
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    })
 }
 
 impl HamSide {
@@ -47,15 +73,24 @@ impl HamSide {
             .worker_threads(1)
             .enable_all()
             .build()?;
-        let socket = b.socket.clone();
-        let publisher = rt.block_on(async move {
-            let mut c = ham::Client::connect(socket).await?;
-            c.raise_stream().await
-        })?;
+        let connect = |rt: &tokio::runtime::Runtime| {
+            let socket = b.socket.clone();
+            rt.block_on(async move {
+                let mut c = ham::Client::connect(socket).await?;
+                c.raise_stream().await
+            })
+        };
+        let publisher = connect(&rt)?;
+        let single_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let single = connect(&single_rt)?;
         Ok(HamSide {
             tap,
             publisher,
             rt,
+            single,
+            single_rt,
             hams: [a.pair()?.0, b.pair()?.0],
         })
     }
@@ -82,7 +117,7 @@ impl Carrier for HamSide {
     fn one(&mut self, seq: u64) -> anyhow::Result<u64> {
         let t = mono_ns();
         let msg = payload(seq, t);
-        self.rt.block_on(self.publisher.raise(ENTITY, 0, &msg))?;
+        send_now(&self.single_rt, &mut self.single, &msg)?;
         let deadline = Instant::now() + ARRIVAL_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
