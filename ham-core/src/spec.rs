@@ -549,12 +549,30 @@ impl EntitySpec {
 
     /// Adds the usual "on death, restart it" condition (the CLI's `--restart`).
     pub fn with_restart_on_death(mut self) -> EntitySpec {
+        // Exactly one more: a push into an empty Vec reserves room for four conditions
+        // (512 bytes), kept for the entity's life.
+        self.conditions.reserve_exact(1);
         self.conditions.push(ConditionSpec::new(
             "restart-on-death",
             ConditionKind::Death,
             vec![ActionSpec::new("restart", ActionKind::Restart)],
         ));
         self
+    }
+
+    /// Gives back the room its lists reserved and do not use: a spec lives as long as
+    /// its entity, and there may be tens of thousands of them.
+    pub fn shrink_to_fit(&mut self) {
+        self.conditions.shrink_to_fit();
+        for c in &mut self.conditions {
+            c.actions.shrink_to_fit();
+            for a in &mut c.actions {
+                a.on_fail.shrink_to_fit();
+            }
+        }
+        if let EntityKind::Started(c) = &mut self.kind {
+            c.argv.shrink_to_fit();
+        }
     }
 
     /// Checks everything a user can get wrong; the message names the culprit.

@@ -438,6 +438,14 @@ async fn run(
     };
     let s = settings(&args, cfg.as_ref())?;
     let name = s.name.clone();
+    // The config's entities, as the request that applies them; the parsed config is
+    // not kept (with 10,000 entities it is megabytes).
+    let apply_config = match (&args.config, cfg) {
+        (Some(path), Some(cfg)) => {
+            Some(service::config_request(path, cfg).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
 
     let listener = match &takeover {
         Some(t) => {
@@ -525,8 +533,7 @@ async fn run(
         tracing::info!(node = %name, "{note}");
     }
     // A takeover continues the state as it was; only a start applies the config.
-    if let (Some(path), None) = (&args.config, &takeover) {
-        let req = service::load_config_request(path).map_err(anyhow::Error::msg)?;
+    if let (Some(path), Some(req)) = (&args.config, apply_config) {
         node.request(req)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }

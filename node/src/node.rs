@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+/// Room the queue of immediate inputs keeps once drained.
+const IMMEDIATE_KEPT: usize = 64;
+
 /// A message to the node loop from the API.
 pub enum Msg {
     /// A request for the engine.
@@ -537,6 +540,11 @@ impl Node {
         while let Some(input) = self.immediate.pop_front() {
             let step = self.engine.handle_input(now(), input);
             self.apply(step);
+        }
+        // Starting 10,000 entities queues 10,000 spawn results at once; the queue
+        // need not keep that room for the node's life.
+        if self.immediate.capacity() > IMMEDIATE_KEPT {
+            self.immediate.shrink_to(IMMEDIATE_KEPT);
         }
     }
 

@@ -494,6 +494,15 @@ pub fn load_config_request(path: &std::path::Path) -> Result<Request, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let cfg =
         ham_core::config::parse(&path.display().to_string(), &text).map_err(|e| e.to_string())?;
+    config_request(path, cfg)
+}
+
+/// The `Reload` request that applies `cfg`, read from `path`: every command must be
+/// runnable, and attached PIDs are identified now.
+pub fn config_request(
+    path: &std::path::Path,
+    cfg: ham_core::config::Config,
+) -> Result<Request, String> {
     let mut procs = HashMap::new();
     for spec in &cfg.entities {
         if let EntityKind::Attached { pid, .. } = spec.kind {

@@ -446,7 +446,9 @@ pub struct EntityStatus {
 pub struct Engine {
     capacity: u32,
     node: NodeRecord,
-    entities: BTreeMap<EntityId, EntityRecord>,
+    /// Boxed: a B-tree node holds eleven values and is often half full, and a record
+    /// is ~400 bytes; a box costs a pointer in the node instead.
+    entities: BTreeMap<EntityId, Box<EntityRecord>>,
     names: HashMap<String, EntityId>,
     timers: Timers,
     /// Last heartbeat period index checked, per entity (derived, not persisted).
@@ -521,7 +523,7 @@ impl Engine {
             self.entities.remove(&other);
         }
         self.names.insert(rec.spec.name.clone(), rec.id);
-        self.entities.insert(rec.id, rec);
+        self.entities.insert(rec.id, Box::new(rec));
         evicted.map(|id| id.0)
     }
 
@@ -555,7 +557,7 @@ impl Engine {
             if engine.names.insert(rec.spec.name.clone(), rec.id).is_some() {
                 return Err(RestoreError::DuplicateName(rec.spec.name));
             }
-            engine.entities.insert(rec.id, rec);
+            engine.entities.insert(rec.id, Box::new(rec));
         }
         Ok(engine)
     }
@@ -674,17 +676,20 @@ impl Engine {
 
     /// The entity's record, by name.
     pub fn entity(&self, name: &str) -> Option<&EntityRecord> {
-        self.names.get(name).and_then(|id| self.entities.get(id))
+        self.names
+            .get(name)
+            .and_then(|id| self.entities.get(id))
+            .map(|r| &**r)
     }
 
     /// The entity's record, by slot.
     pub fn entity_by_id(&self, id: EntityId) -> Option<&EntityRecord> {
-        self.entities.get(&id)
+        self.entities.get(&id).map(|r| &**r)
     }
 
     /// Every entity's record, by slot.
     pub fn records(&self) -> impl Iterator<Item = &EntityRecord> {
-        self.entities.values()
+        self.entities.values().map(|r| &**r)
     }
 
     /// The status of every entity, sorted by name.
@@ -1128,11 +1133,12 @@ impl Engine {
 
     fn add_entity(
         &mut self,
-        spec: EntitySpec,
+        mut spec: EntitySpec,
         proc: Option<ProcessRef>,
         origin: Origin,
     ) -> EntityId {
         let id = self.free_slot().expect("capacity checked");
+        spec.shrink_to_fit();
         let uid = EntityUid(self.node.next_uid);
         self.node.next_uid += 1;
         self.node_dirty = true;
@@ -1155,14 +1161,14 @@ impl Engine {
         let autostart = spec.autostart;
         self.entities.insert(
             id,
-            EntityRecord {
+            Box::new(EntityRecord {
                 id,
                 uid,
                 origin,
                 spec,
                 rt: Runtime::new(self.now.mono_ms),
                 runs: Vec::new(),
-            },
+            }),
         );
         self.names.insert(name.clone(), id);
         self.dirty.insert(id);
