@@ -154,6 +154,11 @@ impl Hamd {
             .block_on(async move { ham::Client::connect(socket).await })?)
     }
 
+    /// The PID of the `hamd` this harness started (the first HAM), if still held.
+    pub fn started_pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// Runs the `ham` CLI against this node; Err with its stderr if it fails.
     pub fn ham(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(&self.ham)

@@ -516,3 +516,48 @@ fn a_pair_lock_left_held_by_a_thread_that_is_gone_names_it_and_can_be_made_anew(
     assert_eq!(lock.try_lock().expect("tries"), Some(Taken::Free));
     lock.unlock().expect("unlocks");
 }
+
+/// Bytes of memory the file really holds (tmpfs allocates a page on first touch).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn reading_a_sparse_store_leaves_its_unused_directory_unallocated() {
+    let f = ShmFile::new("sparse");
+    let params = StoreParams {
+        entity_slots: 16_384,
+        ..small()
+    };
+    let mut store = Store::create(&f.0, params).expect("creates");
+    let mut txn = Txn::new();
+    txn.put_node(b"node".to_vec());
+    txn.put_entity(3, b"near".to_vec());
+    txn.put_entity(16_000, b"far".to_vec());
+    store.commit(&txn).expect("commits");
+    drop(store);
+    let written = allocated_bytes(&f.0);
+
+    // A Guardian's look, then a takeover's recovery: both find every record…
+    let peek = Peeker::open(&f.0).expect("peeks").peek(|_, _| false);
+    let found: Vec<(u32, Vec<u8>)> = peek.changed.into_iter().map(|(s, _, b)| (s, b)).collect();
+    assert_eq!(
+        found,
+        vec![(3, b"near".to_vec()), (16_000, b"far".to_vec())]
+    );
+    let (_, recovered) = Store::open(&f.0).expect("opens");
+    assert_eq!(recovered.node.as_deref(), Some(&b"node"[..]));
+    assert_eq!(
+        recovered.entities,
+        vec![(3, b"near".to_vec()), (16_000, b"far".to_vec())]
+    );
+    // …and neither made tmpfs allocate the 1 MiB directory of 16,384 slots.
+    let after = allocated_bytes(&f.0);
+    assert!(
+        after <= written + 64 * 1024,
+        "reading allocated {} KiB of the file ({} KiB before)",
+        after / 1024,
+        written / 1024
+    );
+}

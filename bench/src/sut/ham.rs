@@ -4,7 +4,10 @@
 use super::{Kind, Supervisor, Workload};
 use crate::hamd::{Bins, Hamd};
 use crate::sys::Scratch;
+use crate::sys::{all_procs, descendants};
 use anyhow::Context;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 /// A running `hamd` with its entities.
 pub struct HamSut {
@@ -51,19 +54,33 @@ impl Supervisor for HamSut {
         Kind::Ham
     }
 
+    /// The HAM and its Guardian, found in the process tree as the peers' processes
+    /// are: asking the HAM (a `status` call) would map the code that answers it into
+    /// the very process being measured.
     fn own_pids(&self) -> anyhow::Result<Vec<i32>> {
-        let (h, g) = self.hamd()?.pair()?;
-        Ok(vec![h, g])
+        let ham = self.hamd()?.started_pid().context("hamd was stopped")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let guardians: Vec<i32> = descendants(ham)
+                .into_iter()
+                .filter(|p| p.comm == "hamd" && p.ppid == ham)
+                .map(|p| p.pid)
+                .collect();
+            if let [g] = guardians.as_slice() {
+                return Ok(vec![ham, *g]);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no Guardian within 30 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
+    /// The HAM's children other than its Guardian, from the process tree.
     fn supervised(&self) -> anyhow::Result<Vec<i32>> {
-        Ok(self
-            .hamd()?
-            .status()?
-            .entities
-            .iter()
-            .filter(|e| e.pid > 0)
-            .map(|e| e.pid)
+        let own: HashSet<i32> = self.own_pids()?.into_iter().collect();
+        Ok(all_procs()
+            .into_values()
+            .filter(|p| own.contains(&p.ppid) && !own.contains(&p.pid) && p.state != 'Z')
+            .map(|p| p.pid)
             .collect())
     }
 

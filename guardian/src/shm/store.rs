@@ -104,6 +104,10 @@ struct CopyMeta {
     flags: u32,
 }
 
+/// A slot's in-memory directory entry: both copies' metadata, and which copy is the
+/// committed current one.
+type SlotDir = ([CopyMeta; 2], Option<usize>);
+
 impl CopyMeta {
     fn encode(&self) -> [u8; COPY] {
         let mut b = [0u8; COPY];
@@ -217,7 +221,7 @@ impl Peeker {
             committed,
             ..Peek::default()
         };
-        for slot in 1..=self.layout.params.entity_slots {
+        for slot in slots_with_data(&self._file, &self.layout, 1) {
             let best = (0..2)
                 .filter_map(|c| {
                     CopyMeta::decode(&self.region.read(self.layout.copy_at(slot, c), COPY))
@@ -248,6 +252,47 @@ impl Peeker {
         }
         out
     }
+}
+
+/// The slots, from `first` on, whose directory entries may hold something: those
+/// that do not lie wholly in a hole of the file. A store is created sparse and a slot
+/// is written only once used; reading the metadata of all 16,384 slots of a default
+/// store through the shared mapping would make tmpfs allocate every page of the
+/// directory (1 MiB of memory) just to read zeros. Holes are found with `SEEK_DATA` and
+/// `SEEK_HOLE`, two calls per run of used pages; a file system without them (or any
+/// error) makes every slot a candidate, which is only slower.
+fn slots_with_data(file: &File, layout: &Layout, first: u32) -> Vec<u32> {
+    use rustix::fs::{SeekFrom, seek};
+    let last = layout.params.entity_slots;
+    let mut out = Vec::new();
+    // Offsets below `data_end` are known to be data; below `hole_end`, a hole.
+    let (mut data_end, mut hole_end) = (0usize, 0usize);
+    for slot in first..=last {
+        let at = layout.copy_at(slot, 0);
+        if at >= data_end {
+            if at + SLOT <= hole_end {
+                continue;
+            }
+            match seek(file, SeekFrom::Data(at as u64)) {
+                Ok(d) if d as usize > at => {
+                    hole_end = d as usize;
+                    if at + SLOT <= hole_end {
+                        continue;
+                    }
+                }
+                Ok(_) => {}
+                // Nothing but holes from here to the end of the file.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => data_end = usize::MAX,
+            }
+            if data_end <= at {
+                data_end = seek(file, SeekFrom::Hole(at as u64))
+                    .map_or(usize::MAX, |h| (h as usize).max(at + SLOT));
+            }
+        }
+        out.push(slot);
+    }
+    out
 }
 
 /// Maps a valid store file (for its pair lock).
@@ -419,7 +464,10 @@ pub struct Store {
     region: Region,
     layout: Layout,
     /// Per slot: both copies' metadata and which one is the committed current one.
-    dir: Vec<([CopyMeta; 2], Option<usize>)>,
+    /// Only as long as the highest slot in use: a slot past its end has never been
+    /// written (a store has room for 16,384 entities by default, 1.3 MB of directory
+    /// that a node with a handful of entities never needs).
+    dir: Vec<SlotDir>,
     alloc: Allocator,
     committed: u64,
 }
@@ -465,7 +513,7 @@ impl Store {
             _file: file,
             region,
             layout,
-            dir: vec![([CopyMeta::default(); 2], None); params.entity_slots as usize + 1],
+            dir: Vec::new(),
             alloc: Allocator::new(params.arena_bytes.div_ceil(GRANULE) * GRANULE),
             committed: 0,
         })
@@ -550,7 +598,7 @@ impl Store {
             _file: file,
             region,
             layout,
-            dir: Vec::with_capacity(params.entity_slots as usize + 1),
+            dir: Vec::new(),
             alloc: Allocator::new(params.arena_bytes.div_ceil(GRANULE) * GRANULE),
             committed,
         };
@@ -570,7 +618,7 @@ impl Store {
         // thousands of allocations would cost more than the bytes.
         let mut slot_bytes = [0u8; SLOT];
         let mut used: Vec<(u64, u64, u32)> = Vec::with_capacity(slots as usize + 1);
-        for slot in 0..=slots {
+        for slot in slots_with_data(&self._file, &self.layout, 0) {
             let mut metas = [CopyMeta::default(); 2];
             let mut best: Option<usize> = None;
             self.region
@@ -602,7 +650,7 @@ impl Store {
                     };
                     if slot > 0 && known(slot, key) {
                         rec.unchanged.push(slot);
-                        self.dir.push((metas, best));
+                        self.set_slot_dir(slot, (metas, best));
                         continue;
                     }
                     let blob = self
@@ -622,8 +670,15 @@ impl Store {
                     }
                 }
             }
-            self.dir.push((metas, best));
+            self.set_slot_dir(slot, (metas, best));
         }
+        let in_use = self
+            .dir
+            .iter()
+            .rposition(|d| *d != SlotDir::default())
+            .map_or(0, |last| last + 1);
+        self.dir.truncate(in_use);
+        self.dir.shrink_to_fit();
         self.alloc = Allocator::from_used(self.alloc.capacity(), &mut used)
             .map_err(|slot| self.overlap(slot))?;
         let entry = self.layout.params.event_entry_bytes as usize;
@@ -708,7 +763,7 @@ impl Store {
         let mut touched: BTreeSet<u32> = BTreeSet::new();
         let mut superseded = Vec::new();
         for ((slot, bytes), at) in writes.iter().zip(extents) {
-            let (metas, current) = self.dir[*slot as usize];
+            let (metas, current) = self.slot_dir(*slot);
             let target = if touched.contains(slot) {
                 // Written earlier in this transaction: overwrite that copy again.
                 let c = current.map_or(0, |c| 1 - c);
@@ -742,7 +797,7 @@ impl Store {
             };
             self.region
                 .write(self.layout.copy_at(*slot, target), &meta.encode());
-            self.dir[*slot as usize].0[target] = meta;
+            self.slot_dir_mut(*slot).0[target] = meta;
         }
         for (seq, bytes) in &txn.events {
             let mut head = [0u8; EVENT_HEAD];
@@ -760,13 +815,35 @@ impl Store {
         self.region.u64_at(COMMITTED_AT).store(t, Ordering::Release);
         self.committed = t;
         for slot in touched {
-            let entry = &mut self.dir[slot as usize];
+            let entry = self.slot_dir_mut(slot);
             entry.1 = Some(entry.1.map_or(0, |c| 1 - c));
         }
         for (off, len) in superseded {
             self.alloc.release(off, len);
         }
         Ok(t)
+    }
+
+    /// A slot's directory entry (all empty past the end of the directory).
+    fn slot_dir(&self, slot: u32) -> SlotDir {
+        self.dir.get(slot as usize).copied().unwrap_or_default()
+    }
+
+    /// Sets a slot's directory entry; an empty one past the end leaves the directory
+    /// as it is.
+    fn set_slot_dir(&mut self, slot: u32, entry: SlotDir) {
+        if entry != SlotDir::default() || (slot as usize) < self.dir.len() {
+            *self.slot_dir_mut(slot) = entry;
+        }
+    }
+
+    /// A slot's directory entry, the directory grown to hold it.
+    fn slot_dir_mut(&mut self, slot: u32) -> &mut SlotDir {
+        let i = slot as usize;
+        if i >= self.dir.len() {
+            self.dir.resize(i + 1, SlotDir::default());
+        }
+        &mut self.dir[i]
     }
 
     /// The store's dimensions.
@@ -806,7 +883,7 @@ impl Store {
                 .u64_at(COMMITTED_AT)
                 .store(before, Ordering::Release);
             for slot in slots {
-                let current = self.dir[slot as usize].1.unwrap_or(0);
+                let current = self.slot_dir(slot).1.unwrap_or(0);
                 if !junk.is_empty() {
                     let at = self.layout.copy_at(slot, current);
                     self.region.write(at, &junk[..junk.len().min(COPY)]);
