@@ -618,7 +618,12 @@ impl Store {
         // thousands of allocations would cost more than the bytes.
         let mut slot_bytes = [0u8; SLOT];
         let mut used: Vec<(u64, u64, u32)> = Vec::with_capacity(slots as usize + 1);
-        for slot in slots_with_data(&self._file, &self.layout, 0) {
+        let candidates = slots_with_data(&self._file, &self.layout, 0);
+        // Room for the directory at once: grown by doubling, it cost a takeover at
+        // 10,000 entities ~2 ms of copies and page faults.
+        self.dir
+            .reserve_exact(candidates.last().map_or(0, |s| *s as usize + 1));
+        for slot in candidates {
             let mut metas = [CopyMeta::default(); 2];
             let mut best: Option<usize> = None;
             self.region
@@ -678,7 +683,6 @@ impl Store {
             .rposition(|d| *d != SlotDir::default())
             .map_or(0, |last| last + 1);
         self.dir.truncate(in_use);
-        self.dir.shrink_to_fit();
         self.alloc = Allocator::from_used(self.alloc.capacity(), &mut used)
             .map_err(|slot| self.overlap(slot))?;
         let entry = self.layout.params.event_entry_bytes as usize;

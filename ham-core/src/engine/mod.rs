@@ -446,9 +446,10 @@ pub struct EntityStatus {
 pub struct Engine {
     capacity: u32,
     node: NodeRecord,
-    /// Boxed: a B-tree node holds eleven values and is often half full, and a record
-    /// is ~400 bytes; a box costs a pointer in the node instead.
-    entities: BTreeMap<EntityId, Box<EntityRecord>>,
+    /// Held inline, not boxed: boxing saved ~300 bytes per entity (half-full B-tree
+    /// nodes of 400-byte values) but scattered the records, and the takeover's walk
+    /// over 10,000 of them took ~1 ms longer (measured).
+    entities: BTreeMap<EntityId, EntityRecord>,
     names: HashMap<String, EntityId>,
     timers: Timers,
     /// Last heartbeat period index checked, per entity (derived, not persisted).
@@ -523,7 +524,7 @@ impl Engine {
             self.entities.remove(&other);
         }
         self.names.insert(rec.spec.name.clone(), rec.id);
-        self.entities.insert(rec.id, Box::new(rec));
+        self.entities.insert(rec.id, rec);
         evicted.map(|id| id.0)
     }
 
@@ -557,7 +558,7 @@ impl Engine {
             if engine.names.insert(rec.spec.name.clone(), rec.id).is_some() {
                 return Err(RestoreError::DuplicateName(rec.spec.name));
             }
-            engine.entities.insert(rec.id, Box::new(rec));
+            engine.entities.insert(rec.id, rec);
         }
         Ok(engine)
     }
@@ -676,20 +677,17 @@ impl Engine {
 
     /// The entity's record, by name.
     pub fn entity(&self, name: &str) -> Option<&EntityRecord> {
-        self.names
-            .get(name)
-            .and_then(|id| self.entities.get(id))
-            .map(|r| &**r)
+        self.names.get(name).and_then(|id| self.entities.get(id))
     }
 
     /// The entity's record, by slot.
     pub fn entity_by_id(&self, id: EntityId) -> Option<&EntityRecord> {
-        self.entities.get(&id).map(|r| &**r)
+        self.entities.get(&id)
     }
 
     /// Every entity's record, by slot.
     pub fn records(&self) -> impl Iterator<Item = &EntityRecord> {
-        self.entities.values().map(|r| &**r)
+        self.entities.values()
     }
 
     /// The status of every entity, sorted by name.
@@ -1161,14 +1159,14 @@ impl Engine {
         let autostart = spec.autostart;
         self.entities.insert(
             id,
-            Box::new(EntityRecord {
+            EntityRecord {
                 id,
                 uid,
                 origin,
                 spec,
                 rt: Runtime::new(self.now.mono_ms),
                 runs: Vec::new(),
-            }),
+            },
         );
         self.names.insert(name.clone(), id);
         self.dirty.insert(id);
