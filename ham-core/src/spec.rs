@@ -549,9 +549,6 @@ impl EntitySpec {
 
     /// Adds the usual "on death, restart it" condition (the CLI's `--restart`).
     pub fn with_restart_on_death(mut self) -> EntitySpec {
-        // Exactly one more: a push into an empty Vec reserves room for four conditions
-        // (512 bytes), kept for the entity's life.
-        self.conditions.reserve_exact(1);
         self.conditions.push(ConditionSpec::new(
             "restart-on-death",
             ConditionKind::Death,

@@ -204,12 +204,12 @@ struct Takeover {
 const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Gives back the code and constant pages mapped only while starting
-/// (`guardian::shm::resident`): a daemon's resident set then shows what it runs. The
-/// HAM also gives back its free heap (the config's parse, the start's bursts); a
-/// Guardian keeps its own, which its takeover reuses: given back, the takeover at
-/// 10,000 entities spent milliseconds faulting in fresh pages.
-fn release_start_up_pages(role: &str) {
-    if role == "HAM" {
+/// (`guardian::shm::resident`): a daemon's resident set then shows what it runs.
+/// With `trim_heap` (the HAM) its free heap goes back too; a Guardian keeps its own
+/// for its takeover to reuse rather than fault in fresh pages then (a choice by
+/// reasoning: the measurement was too noisy to show a difference either way).
+fn release_start_up_pages(role: &str, trim_heap: bool) {
+    if trim_heap {
         let heap_trimmed = guardian::shm::resident::release_free_heap();
         tracing::debug!(role, heap_trimmed, "free heap given back");
     }
@@ -300,7 +300,7 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                 }
                 if !released && started.elapsed() >= RELEASE_AFTER && warming.is_none() {
                     released = true;
-                    release_start_up_pages("Guardian");
+                    release_start_up_pages("Guardian", false);
                 }
             }
             guardian::pair::Wake::Stop => {
@@ -620,7 +620,7 @@ async fn run(
     notify_ready();
     tokio::spawn(async {
         tokio::time::sleep(RELEASE_AFTER).await;
-        release_start_up_pages("HAM");
+        release_start_up_pages("HAM", true);
     });
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();

@@ -12,11 +12,10 @@
 use std::io::{self, BufRead};
 
 /// Gives the C allocator's free memory back to the kernel (glibc's `malloc_trim`):
-/// the top of every arena and each free page inside them. Loading a large config
-/// frees much more than it keeps (10,000 entities: tens of MiB of parse trees and
-/// intermediate copies), and glibc keeps freed memory mapped for reuse; a daemon that
-/// stays up for months should not carry its start-up peak. Returns whether anything
-/// was given back.
+/// the top of every arena and each free page inside them. Starting frees more than it
+/// keeps (the config's parse, the start's bursts), and glibc keeps freed memory mapped
+/// for reuse; a daemon that stays up for months should not carry its start-up peak.
+/// Returns whether anything was given back.
 pub fn release_free_heap() -> bool {
     // SAFETY: `malloc_trim` is glibc's own entry point, safe to call at any time from
     // any thread: it takes each arena's lock and only unmaps or `MADV_DONTNEED`s
