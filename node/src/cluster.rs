@@ -124,13 +124,7 @@ impl MeshFlags {
 
 /// Starts the mesh. After a takeover the dead HAM's UDP socket may linger for a few
 /// milliseconds, so binding is retried briefly.
-pub async fn start(
-    cfg: MeshConfig,
-) -> anyhow::Result<(
-    Mesh,
-    mpsc::UnboundedReceiver<MeshEvent>,
-    mpsc::Receiver<ham_overlay::grpc::MeshStream>,
-)> {
+pub async fn start(cfg: MeshConfig) -> anyhow::Result<(Mesh, ham_overlay::MeshIncoming)> {
     let mut tries = 0;
     loop {
         match Mesh::start(cfg.clone()).await {

@@ -97,9 +97,6 @@ async fn follow_node(
     last: &Mutex<HashMap<String, u64>>,
 ) {
     loop {
-        let Ok(channel) = mesh.channel(node) else {
-            return;
-        };
         let seen = last
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -109,9 +106,8 @@ async fn follow_node(
         r.nodes = String::new();
         r.resume.clear();
         r.from_seq = seen.map_or(req.from_seq, |s| s + 1);
-        let mut api = pb::ham_client::HamClient::new(channel);
-        if let Ok(resp) = api.subscribe(r).await {
-            pump(Box::pin(resp.into_inner()), tx, Some((node.as_str(), last))).await;
+        if let Ok(events) = crate::feed::follow(mesh, node, r).await {
+            pump(events, tx, Some((node.as_str(), last))).await;
         }
         if !req.follow || tx.is_closed() || !mesh.is_up(node) {
             return;

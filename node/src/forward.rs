@@ -1,7 +1,8 @@
 //! `ham --node NAME`: a call carrying the metadata `ham-node: NAME` is answered by
 //! node NAME. This layer sits in front of the gRPC service and forwards such calls,
 //! untouched, over the mesh to NAME's own service; statuses, deadlines
-//! (`grpc-timeout`) and streams travel end to end.
+//! (`grpc-timeout`) and streams travel end to end. `Subscribe` is the exception: it
+//! passes to the service, which follows NAME's events over an event feed (`feed`).
 
 use ham_overlay::{Mesh, NodeName};
 use std::convert::Infallible;
@@ -15,6 +16,9 @@ use tower::Service;
 
 /// The metadata key that names the node a call is for.
 pub const NODE_HEADER: &str = "ham-node";
+
+/// The path of the call that is not forwarded (see the module docs).
+const SUBSCRIBE_PATH: &str = "/ham.v1.Ham/Subscribe";
 
 /// How long a forwarded call may wait for the remote node's answer to begin when the
 /// caller set no deadline.
@@ -68,39 +72,27 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let target = req
-            .headers()
-            .get(NODE_HEADER)
-            .map(|v| v.to_str().map(str::to_owned));
-        let target = match target {
-            None => None,
-            Some(Ok(t)) if t.is_empty() || t == self.me => None,
-            Some(Ok(t)) => Some(t),
-            Some(Err(_)) => {
-                return ready(tonic::Status::invalid_argument(
-                    "ham-node is not a node name",
-                ));
+        let target = if req.uri().path() == SUBSCRIBE_PATH {
+            Ok(None)
+        } else {
+            let value = req.headers().get(NODE_HEADER);
+            target_node(value.map(|v| v.as_bytes()), &self.me)
+        };
+        let node = match target {
+            Ok(Some(node)) => node,
+            Ok(None) => {
+                // Take the service that was polled ready; leave a fresh clone behind.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                return Box::pin(async move { inner.call(req).await });
             }
+            Err(status) => return ready(status),
         };
-        let Some(target) = target else {
-            // Take the service that was polled ready; leave a fresh clone behind.
-            let clone = self.inner.clone();
-            let mut inner = std::mem::replace(&mut self.inner, clone);
-            return Box::pin(async move { inner.call(req).await });
-        };
-        let node = match NodeName::new(target.clone()) {
-            Ok(n) => n,
-            Err(e) => return ready(tonic::Status::invalid_argument(e.to_string())),
-        };
-        let Some(mesh) = &self.mesh else {
-            return ready(tonic::Status::failed_precondition(format!(
-                "node {} runs without a mesh: it cannot reach node {node}",
-                self.me
-            )));
-        };
-        let channel = match mesh.channel(&node) {
+        let channel = match mesh_to(&self.me, self.mesh.as_ref(), &node)
+            .and_then(|mesh| mesh.channel(&node).map_err(|e| tonic::Status::unavailable(e.to_string())))
+        {
             Ok(c) => c,
-            Err(e) => return ready(tonic::Status::unavailable(e.to_string())),
+            Err(status) => return ready(status),
         };
         let deadline = grpc_timeout(req.headers()).unwrap_or(DEFAULT_DEADLINE);
         Box::pin(async move {
@@ -123,6 +115,35 @@ where
             }
         })
     }
+}
+
+/// The node a call is for, from its `ham-node` metadata: `None` for this node (no
+/// metadata, empty, or this node's name).
+pub fn target_node(value: Option<&[u8]>, me: &str) -> Result<Option<NodeName>, tonic::Status> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let name = std::str::from_utf8(value)
+        .map_err(|_| tonic::Status::invalid_argument("ham-node is not a node name"))?;
+    if name.is_empty() || name == me {
+        return Ok(None);
+    }
+    NodeName::new(name.to_string())
+        .map(Some)
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))
+}
+
+/// The mesh through which this node (`me`) reaches `node`.
+pub fn mesh_to<'a>(
+    me: &str,
+    mesh: Option<&'a Mesh>,
+    node: &NodeName,
+) -> Result<&'a Mesh, tonic::Status> {
+    mesh.ok_or_else(|| {
+        tonic::Status::failed_precondition(format!(
+            "node {me} runs without a mesh: it cannot reach node {node}"
+        ))
+    })
 }
 
 fn ready(status: tonic::Status) -> BoxFuture<Result<http::Response<Body>, Infallible>> {

@@ -3,7 +3,9 @@
 
 mod cluster;
 mod convert;
+mod cursor;
 mod fanout;
+mod feed;
 mod forward;
 mod node;
 mod pair;
@@ -550,9 +552,9 @@ async fn run(
     let singleton_hints = Arc::new(singleton::Hints::default());
     let mesh = match &s.mesh {
         Some(m) => {
-            let (mesh, members, streams) = cluster::start(m.config(&name)?).await?;
+            let (mesh, incoming) = cluster::start(m.config(&name)?).await?;
             node.set_mesh(mesh.clone(), singleton_hints.clone());
-            Some((mesh, members, streams))
+            Some((mesh, incoming))
         }
         None => None,
     };
@@ -568,19 +570,20 @@ async fn run(
         s.paths.beats.clone(),
         verbose,
     );
-    let svc = svc.with_mesh(mesh.as_ref().map(|(m, _, _)| m.clone()));
+    let svc = svc.with_mesh(mesh.as_ref().map(|(m, _)| m.clone()));
     let forward = forward::ForwardLayer {
         me: name.clone(),
-        mesh: mesh.as_ref().map(|(m, _, _)| m.clone()),
+        mesh: mesh.as_ref().map(|(m, _)| m.clone()),
     };
-    let mesh_handle = mesh.as_ref().map(|(m, _, _)| m.clone());
-    if let Some((mesh, members, streams)) = mesh {
-        cluster::forward_members(members, tx.clone());
+    let mesh_handle = mesh.as_ref().map(|(m, _)| m.clone());
+    if let Some((mesh, incoming)) = mesh {
+        cluster::forward_members(incoming.members, tx.clone());
+        feed::serve(incoming.feeds, svc.clone());
         singleton::spawn(name.clone(), mesh.clone(), tx.clone(), singleton_hints);
         remote_watch::spawn(mesh, tx.clone());
         // Other nodes call this node's API over mesh streams: the same service.
         let incoming =
-            tokio_stream::wrappers::ReceiverStream::new(streams).map(Ok::<_, std::io::Error>);
+            tokio_stream::wrappers::ReceiverStream::new(incoming.grpc).map(Ok::<_, std::io::Error>);
         let server = tonic::transport::Server::builder()
             .layer(forward.clone())
             .add_service(ham_proto::ham_server::HamServer::new(svc.clone()))

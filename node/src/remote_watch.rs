@@ -7,6 +7,7 @@
 use crate::node::Msg;
 use ham_core::Input;
 use ham_overlay::{Mesh, NodeName};
+use futures_util::StreamExt;
 use ham_proto as pb;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -64,20 +65,16 @@ async fn follow(mesh: Mesh, node: mpsc::Sender<Msg>, (there, entity): Target) {
         if !mesh.is_up(&name) {
             from_seq = 0;
         }
-        if mesh.is_up(&name)
-            && let Ok(channel) = mesh.channel(&name)
-        {
-            let mut api = pb::ham_client::HamClient::new(channel);
+        if mesh.is_up(&name) {
             let req = pb::SubscribeRequest {
                 entities: vec![entity.clone()],
                 from_seq,
                 follow: true,
                 ..Default::default()
             };
-            match api.subscribe(req).await {
-                Ok(stream) => {
-                    let mut stream = stream.into_inner();
-                    while let Ok(Some(ev)) = stream.message().await {
+            match crate::feed::follow(&mesh, &name, req).await {
+                Ok(mut events) => {
+                    while let Some(Ok(ev)) = events.next().await {
                         if ev.kind == "gap" {
                             tracing::warn!(node = %there, entity = %entity, "remote events lost: {}", ev.detail);
                             continue;

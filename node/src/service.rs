@@ -2,7 +2,8 @@
 //! loop, which owns all state; the reply comes once the change is in the store.
 
 use crate::convert;
-use crate::node::{Msg, Subscription};
+use crate::cursor::EventCursor;
+use crate::node::Msg;
 use crate::process;
 use ham_core::engine::state::Origin;
 use ham_core::spec::{EntityKind, EntitySpec};
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Request as Req, Response, Status};
 
@@ -59,6 +60,40 @@ impl HamService {
     pub fn with_mesh(mut self, mesh: Option<ham_overlay::Mesh>) -> HamService {
         self.mesh = mesh;
         self
+    }
+
+    /// The events a subscription asks for: this node's (`nodes` empty or this node's
+    /// name), or every node's (`nodes = "all"`).
+    pub async fn events(&self, r: pb::SubscribeRequest) -> Result<EventStream, Status> {
+        if r.nodes == "all" {
+            return Ok(crate::fanout::cluster_stream(
+                self.clone(),
+                self.mesh.clone(),
+                r,
+            ));
+        }
+        if !r.nodes.is_empty() && r.nodes != self.node {
+            return Err(Status::invalid_argument(format!(
+                "nodes = {:?}: give \"all\", or call node {} through the ham-node metadata (ham --node {})",
+                r.nodes, r.nodes, r.nodes
+            )));
+        }
+        let filter = EventFilter {
+            entities: r.entities,
+            kinds: r.kinds,
+            topic: r.topic,
+        };
+        let sub = self
+            .ask(|reply| Msg::Subscribe {
+                from_seq: r.from_seq,
+                reply,
+            })
+            .await?;
+        let cursor = EventCursor::new(self.node.clone(), filter, sub, r.follow);
+        Ok(Box::pin(futures_util::stream::unfold(
+            cursor,
+            |mut cursor| async move { cursor.next().await.map(|e| (Ok(e), cursor)) },
+        )))
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
@@ -364,37 +399,17 @@ impl Ham for HamService {
         &self,
         r: Req<pb::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let r = r.into_inner();
-        if r.nodes == "all" {
-            return Ok(Response::new(crate::fanout::cluster_stream(
-                self.clone(),
-                self.mesh.clone(),
-                r,
-            )));
-        }
-        if !r.nodes.is_empty() && r.nodes != self.node {
-            return Err(Status::invalid_argument(format!(
-                "nodes = {:?}: give \"all\", or call node {} through the ham-node metadata (ham --node {})",
-                r.nodes, r.nodes, r.nodes
-            )));
-        }
-        let filter = EventFilter {
-            entities: r.entities,
-            kinds: r.kinds,
-            topic: r.topic,
+        // `ham --node b events`: followed over the mesh's event feed (not forwarded).
+        let value = r.metadata().get(crate::forward::NODE_HEADER);
+        let target = crate::forward::target_node(value.map(|v| v.as_bytes()), &self.node)?;
+        let events = match target {
+            Some(node) => {
+                let mesh = crate::forward::mesh_to(&self.node, self.mesh.as_ref(), &node)?;
+                crate::feed::follow(mesh, &node, r.into_inner()).await?
+            }
+            None => self.events(r.into_inner()).await?,
         };
-        let sub = self
-            .ask(|reply| Msg::Subscribe {
-                from_seq: r.from_seq,
-                reply,
-            })
-            .await?;
-        Ok(Response::new(event_stream(
-            self.node.clone(),
-            filter,
-            sub,
-            r.follow,
-        )))
+        Ok(Response::new(events))
     }
 
     async fn shutdown(&self, r: Req<pb::ShutdownRequest>) -> Result<Response<pb::Ack>, Status> {
@@ -518,93 +533,4 @@ pub fn config_request(
         specs: cfg.entities,
         procs,
     })
-}
-
-/// The replayed events, a gap event if some are gone, then live events (with a gap
-/// event whenever this subscriber fell too far behind to keep up).
-pub fn event_stream(
-    node: String,
-    filter: EventFilter,
-    sub: Subscription,
-    follow: bool,
-) -> EventStream {
-    let Subscription {
-        backlog,
-        gap,
-        renumbered,
-        mut live,
-    } = sub;
-    let stream = async_stream(
-        move |tx: mpsc::Sender<Result<pb::Event, Status>>| async move {
-            let now_ms = crate::time::now().wall_ms;
-            if let Some(asked) = renumbered
-                && tx
-                    .send(Ok(convert::renumbered_event(&node, asked, now_ms)))
-                    .await
-                    .is_err()
-            {
-                return;
-            }
-            if let Some((from, to)) = gap
-                && tx
-                    .send(Ok(convert::gap_event(&node, from, to, now_ms)))
-                    .await
-                    .is_err()
-            {
-                return;
-            }
-            let mut last = 0;
-            for e in backlog {
-                last = e.seq.0;
-                if filter.matches(&node, &e)
-                    && tx.send(Ok(convert::event_out(&node, &e))).await.is_err()
-                {
-                    return;
-                }
-            }
-            if !follow {
-                return;
-            }
-            loop {
-                match live.recv().await {
-                    Ok(e) => {
-                        if e.seq.0 <= last {
-                            continue; // already sent from the backlog
-                        }
-                        last = e.seq.0;
-                        if filter.matches(&node, &e)
-                            && tx.send(Ok(convert::event_out(&node, &e))).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let gap = convert::gap_event(
-                            &node,
-                            last + 1,
-                            last + n,
-                            crate::time::now().wall_ms,
-                        );
-                        last += n;
-                        if tx.send(Ok(gap)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        },
-    );
-    Box::pin(stream)
-}
-
-/// Runs a producer task feeding a channel and returns the channel as a stream.
-fn async_stream<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>
-where
-    F: FnOnce(mpsc::Sender<Result<pb::Event, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -3,9 +3,11 @@
 //!
 //! Connections are made on demand (SWIM asks to send to a member we are not
 //! connected to), from seeds at start, and again with backoff while no seed answers.
-//! A connection carries SWIM datagrams and gRPC streams; nothing else is accepted.
+//! A connection carries SWIM datagrams, gRPC streams and event feeds (framed
+//! streams); nothing else is accepted.
 
 use crate::NodeName;
+use crate::frames::FrameStream;
 use crate::grpc::MeshStream;
 use crate::identity::{IdentityError, IdentityFiles, TlsIdentity, verify_peer_name};
 use crate::membership::{
@@ -83,6 +85,16 @@ pub struct MeshEvent {
     pub addr: String,
 }
 
+/// What other nodes bring to this one, returned by [`Mesh::start`].
+pub struct MeshIncoming {
+    /// Membership changes.
+    pub members: mpsc::UnboundedReceiver<MeshEvent>,
+    /// gRPC streams other nodes open, to serve with the control API.
+    pub grpc: mpsc::Receiver<MeshStream>,
+    /// Event feeds other nodes open (framed streams), to serve with this node's events.
+    pub feeds: mpsc::Receiver<FrameStream>,
+}
+
 /// Commands to the mesh task.
 enum Cmd {
     /// A connection passed the hello both ways.
@@ -142,18 +154,9 @@ fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
 }
 
 impl Mesh {
-    /// Starts the endpoint and the mesh task. Returns the handle, the membership
-    /// changes, and the gRPC streams other nodes open (to serve with the control API).
-    pub async fn start(
-        cfg: MeshConfig,
-    ) -> Result<
-        (
-            Mesh,
-            mpsc::UnboundedReceiver<MeshEvent>,
-            mpsc::Receiver<MeshStream>,
-        ),
-        MeshError,
-    > {
+    /// Starts the endpoint and the mesh task. Returns the handle and what other nodes
+    /// bring: membership changes, gRPC streams and event feeds.
+    pub async fn start(cfg: MeshConfig) -> Result<(Mesh, MeshIncoming), MeshError> {
         let id = TlsIdentity::load(&cfg.identity)?;
         id.check_own_name(&cfg.name)?;
         let server = quinn::crypto::rustls::QuicServerConfig::try_from(id.server_config()?)
@@ -200,6 +203,7 @@ impl Mesh {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (grpc_tx, grpc_rx) = mpsc::channel(64);
+        let (feeds_tx, feeds_rx) = mpsc::channel(64);
         let hello = Hello {
             version: wire::VERSION,
             name: cfg.name.to_string(),
@@ -211,6 +215,7 @@ impl Mesh {
             hello: Arc::new(hello),
             cmd: cmd_tx.clone(),
             grpc: grpc_tx,
+            feeds: feeds_tx,
             max_datagrams_per_sec: cfg.max_datagrams_per_sec.max(1),
             me: cfg.name.clone(),
         };
@@ -244,8 +249,11 @@ impl Mesh {
                 cmd: cmd_tx,
                 local_addr,
             },
-            events_rx,
-            grpc_rx,
+            MeshIncoming {
+                members: events_rx,
+                grpc: grpc_rx,
+                feeds: feeds_rx,
+            },
         ))
     }
 
@@ -339,6 +347,36 @@ impl Mesh {
         Ok(channel)
     }
 
+    /// Opens an event feed to `node`: a framed stream that `node` serves with its
+    /// events (what the feed asks for is the caller's first frame).
+    pub async fn open_feed(&self, node: &NodeName) -> Result<FrameStream, MeshError> {
+        let conn = self.connection(node)?;
+        let unreachable = |e: &dyn std::fmt::Display| {
+            tracing::debug!(peer = %node, "cannot open an event feed: {e}");
+            MeshError::Unreachable(node.clone())
+        };
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+        send.write_all(&[wire::TAG_FEED])
+            .await
+            .map_err(|e| unreachable(&e))?;
+        Ok(FrameStream::new(send, recv, conn, node.clone()))
+    }
+
+    /// The live connection to `node`, if it is up and connected.
+    fn connection(&self, node: &NodeName) -> Result<quinn::Connection, MeshError> {
+        if !self.is_up(node) || node == &self.shared.name {
+            return Err(MeshError::Unreachable(node.clone()));
+        }
+        self.shared
+            .conns
+            .read()
+            .unwrap_or_else(lock_err)
+            .get(node)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+            .ok_or_else(|| MeshError::Unreachable(node.clone()))
+    }
+
     /// Leaves the cluster (the others see this node down at once) and closes the
     /// endpoint.
     pub async fn shutdown(&self) {
@@ -393,6 +431,7 @@ struct Net {
     hello: Arc<Hello>,
     cmd: mpsc::UnboundedSender<Cmd>,
     grpc: mpsc::Sender<MeshStream>,
+    feeds: mpsc::Sender<FrameStream>,
     max_datagrams_per_sec: u32,
     me: NodeName,
 }
@@ -564,6 +603,10 @@ async fn accept_streams(net: Net, conn: quinn::Connection, node: NodeName) {
             match tokio::time::timeout(TAG_TIMEOUT, recv.read_exact(&mut tag)).await {
                 Ok(Ok(())) if tag[0] == wire::TAG_GRPC => {
                     let _ = net.grpc.send(MeshStream::new(send, recv, node)).await;
+                }
+                Ok(Ok(())) if tag[0] == wire::TAG_FEED => {
+                    let stream = FrameStream::new(send, recv, conn, node);
+                    let _ = net.feeds.send(stream).await;
                 }
                 Ok(Ok(())) => {
                     tracing::warn!(peer = %node, "cut off: unknown stream tag {:#04x}", tag[0]);

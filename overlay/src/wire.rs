@@ -1,5 +1,5 @@
-//! What travels on a mesh connection besides gRPC: the hello that names each end,
-//! and the one-byte tag that says what a bidirectional stream carries.
+//! What travels on a mesh connection besides gRPC and framed streams: the hello that
+//! names each end, and the one-byte tag that says what a bidirectional stream carries.
 //!
 //! Every read is bounded: a hello is at most [`MAX_HELLO`] bytes, and anything that
 //! does not decode is a protocol violation that closes the connection.
@@ -14,6 +14,8 @@ pub const MAX_HELLO: usize = 1024;
 pub const TAG_HELLO: u8 = b'H';
 /// First byte of a stream that carries one HTTP/2 (gRPC) connection.
 pub const TAG_GRPC: u8 = b'G';
+/// First byte of a framed stream that carries one event feed (see `frames`).
+pub const TAG_FEED: u8 = b'E';
 
 /// QUIC application close codes, so a log line on either side says why.
 pub mod close {

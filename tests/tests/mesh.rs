@@ -163,6 +163,20 @@ fn three_nodes_join_and_answer_for_each_other() {
     let err = na.ham_fails(&["--node", "nosuchnode", "status"]);
     assert!(err.contains("not reachable"), "{err}");
 
+    // b's events asked on a (an event feed over the mesh) are b's events as b tells
+    // them; a node that is not there is a clean error here too.
+    let events_of = |out: String| -> Vec<Value> {
+        out.lines()
+            .map(|l| serde_json::from_str(l).expect("event"))
+            .collect()
+    };
+    let local = events_of(nb.ham(&["events", "--json", "--entity", "web"]));
+    let remote = events_of(na.ham(&["--node", &b, "events", "--json", "--entity", "web"]));
+    assert!(local.len() >= 3, "{local:?}");
+    assert_eq!(remote, local, "b's events, seen from a");
+    let err = na.ham_fails(&["--node", "nosuchnode", "events"]);
+    assert!(err.contains("not reachable"), "{err}");
+
     // Events from every node, each node's in order.
     let out = na.ham(&["--node", "all", "events", "--json"]);
     let events: Vec<Value> = out
@@ -337,6 +351,22 @@ async fn hello(conn: &quinn::Connection, name: &str) -> Result<ham_overlay::wire
     .map_err(|e| e.to_string())
 }
 
+/// Reads one frame of an event feed (length, then a `FeedFrame`), within 5 s.
+async fn read_feed_frame(recv: &mut quinn::RecvStream) -> Option<ham_proto::feed_frame::Item> {
+    let read = async {
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len).await.ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut body).await.ok()?;
+        let frame: ham_proto::FeedFrame = ham_proto::Message::decode(&body[..]).ok()?;
+        frame.item
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .ok()
+        .flatten()
+}
+
 #[derive(Debug)]
 struct AnyServer;
 
@@ -391,7 +421,8 @@ async fn strangers_and_garbage_are_cut_off_while_the_mesh_carries_on() {
     certs(&certs_dir.path, &[&a, &b, "evil", "liar"]);
     certs(&other_ca.path, &[&b]);
     let port = port();
-    let na = node(&certs_dir.path, &a, 2, port, None, None);
+    let g = "[[entity]]\nname = \"g\"\nglobal = true\n";
+    let na = node(&certs_dir.path, &a, 2, port, None, Some(g));
     let nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), None);
     wait_until("a and b up", 10, || all_up(&na, &[&a, &b]));
     let target: std::net::SocketAddr = format!("127.0.0.2:{port}").parse().expect("addr");
@@ -443,6 +474,61 @@ async fn strangers_and_garbage_are_cut_off_while_the_mesh_carries_on() {
     send.write_all(b"Xgarbage").await.expect("written");
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     assert!(closed.is_ok(), "an unknown stream tag was not cut off");
+
+    // An event feed that asks with more than a request may hold is cut off.
+    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
+        .await
+        .expect("handshake");
+    hello(&conn, "evil").await.expect("answered");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&[ham_overlay::wire::TAG_FEED])
+        .await
+        .expect("tag");
+    send.write_all(&u32::MAX.to_be_bytes())
+        .await
+        .expect("length");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "an oversized feed request was not cut off");
+    // So is one whose request does not decode.
+    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
+        .await
+        .expect("handshake");
+    hello(&conn, "evil").await.expect("answered");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    let mut garbage = vec![ham_overlay::wire::TAG_FEED, 0, 0, 0, 8];
+    garbage.extend_from_slice(&[0xff; 8]);
+    send.write_all(&garbage).await.expect("written");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(closed.is_ok(), "an undecodable feed request was not cut off");
+    // A well-formed one is answered: accepted, then the node's events as they come.
+    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
+        .await
+        .expect("handshake");
+    hello(&conn, "evil").await.expect("answered");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let req = ham_proto::SubscribeRequest {
+        kinds: vec!["raise".into()],
+        follow: true,
+        ..Default::default()
+    };
+    let body = ham_proto::Message::encode_to_vec(&req);
+    let mut frame = vec![ham_overlay::wire::TAG_FEED];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    send.write_all(&frame).await.expect("written");
+    let accepted = read_feed_frame(&mut recv).await;
+    assert!(
+        matches!(&accepted, Some(ham_proto::feed_frame::Item::Status(s)) if s.code == 0),
+        "{accepted:?}"
+    );
+    na.ham(&["raise", "g", "over the feed"]);
+    match read_feed_frame(&mut recv).await {
+        Some(ham_proto::feed_frame::Item::Event(e)) => {
+            assert_eq!((e.node.as_str(), e.kind.as_str()), (a.as_str(), "raise"));
+            assert_eq!(e.detail, "severity 0: over the feed");
+        }
+        other => panic!("expected the raise, got {other:?}"),
+    }
 
     // The others carry on.
     let remote: Value =
