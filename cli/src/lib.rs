@@ -18,13 +18,13 @@
 use guardian::shm::BeatTable;
 use ham_proto as pb;
 use ham_proto::ham_client::HamClient;
+use ham_proto::socket::UnixStream;
 use hyper_util::rt::TokioIo;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
-use tokio::net::UnixStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;

@@ -132,14 +132,15 @@ pub async fn follow(
     node: &NodeName,
     req: pb::SubscribeRequest,
 ) -> Result<EventStream, Status> {
-    let unavailable = |e: &dyn std::fmt::Display| {
-        Status::unavailable(format!("node {node} did not answer: {e}"))
-    };
+    let unavailable =
+        |e: &dyn std::fmt::Display| Status::unavailable(format!("node {node} did not answer: {e}"));
     let FrameStream { mut send, mut recv } =
         mesh.open_feed(node).await.map_err(|e| unavailable(&e))?;
     let mut buf = BytesMut::new();
     put_frame(&mut buf, &req.encode_to_vec());
-    send.write(buf.freeze()).await.map_err(|e| unavailable(&e))?;
+    send.write(buf.freeze())
+        .await
+        .map_err(|e| unavailable(&e))?;
     send.finish();
     let answer = tokio::time::timeout(ANSWER_TIMEOUT, read_item(&mut recv))
         .await

@@ -88,9 +88,10 @@ where
             }
             Err(status) => return ready(status),
         };
-        let channel = match mesh_to(&self.me, self.mesh.as_ref(), &node)
-            .and_then(|mesh| mesh.channel(&node).map_err(|e| tonic::Status::unavailable(e.to_string())))
-        {
+        let channel = match mesh_to(&self.me, self.mesh.as_ref(), &node).and_then(|mesh| {
+            mesh.channel(&node)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))
+        }) {
             Ok(c) => c,
             Err(status) => return ready(status),
         };

@@ -625,7 +625,9 @@ async fn run(
         tokio::time::sleep(RELEASE_AFTER).await;
         release_start_up_pages("HAM", true);
     });
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Registered for readable edges only (see `ham_proto::socket`).
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+        .map(|accepted| accepted.and_then(ham_proto::socket::UnixStream::from_tokio));
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .layer(forward)

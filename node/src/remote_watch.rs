@@ -5,9 +5,9 @@
 //! engine, which fires the watching entities' conditions of that kind.
 
 use crate::node::Msg;
+use futures_util::StreamExt;
 use ham_core::Input;
 use ham_overlay::{Mesh, NodeName};
-use futures_util::StreamExt;
 use ham_proto as pb;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;

@@ -16,8 +16,8 @@ mod mesh;
 mod name;
 pub mod wire;
 
+pub use frames::{FrameError, FrameReceiver, FrameSender, FrameStream};
 pub use identity::{IdentityError, IdentityFiles, TlsIdentity};
 pub use membership::{MemberInfo, MemberState, SwimTuning};
-pub use frames::{FrameError, FrameReceiver, FrameSender, FrameStream};
 pub use mesh::{Mesh, MeshConfig, MeshError, MeshEvent, MeshIncoming};
 pub use name::{NodeName, NodeNameError};

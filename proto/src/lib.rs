@@ -15,6 +15,8 @@ pub use v1::*;
 /// Encoding and decoding of these messages outside gRPC (the mesh's event feeds).
 pub use prost::Message;
 
+pub mod socket;
+
 /// Default locations shared by `hamd` and its clients.
 pub mod defaults {
     use std::os::unix::fs::MetadataExt;

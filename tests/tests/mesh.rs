@@ -499,7 +499,10 @@ async fn strangers_and_garbage_are_cut_off_while_the_mesh_carries_on() {
     garbage.extend_from_slice(&[0xff; 8]);
     send.write_all(&garbage).await.expect("written");
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    assert!(closed.is_ok(), "an undecodable feed request was not cut off");
+    assert!(
+        closed.is_ok(),
+        "an undecodable feed request was not cut off"
+    );
     // A well-formed one is answered: accepted, then the node's events as they come.
     let conn = raw_connect(Some(&evil), &certs_dir.path, target)
         .await
