@@ -3,6 +3,7 @@
 use super::state::{ExitStatus, Origin};
 use super::*;
 use crate::spec::*;
+use std::collections::BTreeMap;
 
 /// Drives an engine like `hamd` does, keeping the persisted records like the store.
 struct Sim {
