@@ -7,6 +7,7 @@ mod cursor;
 mod fanout;
 mod feed;
 mod forward;
+mod heap;
 mod node;
 mod pair;
 mod process;
@@ -146,6 +147,7 @@ fn raise_fd_limit() {
 }
 
 fn main() {
+    guardian::shm::resident::fix_heap_thresholds();
     let args = Args::parse();
     let filter = init_logging(&args);
     raise_fd_limit();
@@ -257,6 +259,7 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
     }));
     let mut warm: Option<warm::Warm> = None;
     let (started, mut released) = (std::time::Instant::now(), false);
+    let (mut heap, mut refreshing) = (heap::HeapTrim::default(), true);
     let granted = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
     let signal = granted.try_clone()?;
     // The earliest sign of all is the pair lock, which the HAM's main thread holds for
@@ -298,7 +301,11 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                     }
                 }
                 if let Some(w) = warm.as_mut() {
-                    w.refresh();
+                    // Once the HAM's burst of changes is read, its garbage goes back.
+                    let changed = w.refresh();
+                    if std::mem::replace(&mut refreshing, changed > 0) && changed == 0 {
+                        heap.look();
+                    }
                 }
                 if !released && started.elapsed() >= RELEASE_AFTER && warming.is_none() {
                     released = true;
@@ -436,11 +443,7 @@ async fn run(
     // Read the config first: a bad config must change nothing, not even the store.
     // A takeover has its settings as flags and continues the state as it is.
     let cfg = match (&args.config, &takeover) {
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            Some(ham_core::config::parse(&path.display().to_string(), &text)?)
-        }
+        (Some(path), None) => Some(service::read_config(path).map_err(anyhow::Error::msg)?),
         _ => None,
     };
     let s = settings(&args, cfg.as_ref())?;

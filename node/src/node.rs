@@ -23,6 +23,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Room the queue of immediate inputs keeps once drained.
 const IMMEDIATE_KEPT: usize = 64;
+/// While the node works, it looks this often at the heap it holds free (see
+/// `heap::HeapTrim`); an idle node does not look.
+const TRIM_AFTER_MS: u64 = 1_000;
 
 /// A message to the node loop from the API.
 pub enum Msg {
@@ -207,6 +210,12 @@ pub struct Node {
     inputs_rx: mpsc::UnboundedReceiver<Input>,
     /// Results known at once (a spawn's outcome), handled before anything else.
     immediate: VecDeque<Input>,
+    /// When to look at the free heap next (monotonic ms).
+    trim_at: Option<u64>,
+    /// Work was done since the last look.
+    worked: bool,
+    /// Gives the free heap back after bursts.
+    heap: crate::heap::HeapTrim,
     events_tx: broadcast::Sender<Arc<Event>>,
     recent: VecDeque<Arc<Event>>,
     /// Events found in the store at start, older than `recent`, still encoded.
@@ -327,6 +336,9 @@ impl Node {
                 inputs_tx,
                 inputs_rx,
                 immediate: VecDeque::new(),
+                trim_at: None,
+                worked: true,
+                heap: Default::default(),
                 events_tx,
                 recent,
                 undecoded,
@@ -494,8 +506,15 @@ impl Node {
             }
         };
         loop {
+            if self.trim_at.is_none() && self.worked {
+                self.trim_at = Some(now().mono_ms + TRIM_AFTER_MS);
+            }
+            self.worked = true;
             let deadline = self.engine.next_deadline();
-            timer.set(deadline);
+            timer.set(match (deadline, self.trim_at) {
+                (Some(d), Some(t)) => Some(d.min(t)),
+                (d, t) => d.or(t),
+            });
             tokio::select! {
                 biased;
                 Some(input) = self.inputs_rx.recv() => self.handle_input(input),
@@ -509,13 +528,20 @@ impl Node {
                     }
                 }
                 _ = timer.expired() => {
-                    if let Some(d) = deadline {
+                    let at = now();
+                    self.worked = false;
+                    if self.trim_at.is_some_and(|t| t <= at.mono_ms) {
+                        self.trim_at = None;
+                        self.heap.look();
+                    }
+                    if let Some(d) = deadline.filter(|d| *d <= at.mono_ms) {
+                        self.worked = true;
                         let late_ns = crate::time::mono_ns().saturating_sub(d * 1_000_000);
                         self.lateness.record(late_ns / 1_000);
+                        let step = self.engine.tick(at, &mut Probe(&self.beats));
+                        self.apply(step);
+                        self.drain_immediate();
                     }
-                    let step = self.engine.tick(now(), &mut Probe(&self.beats));
-                    self.apply(step);
-                    self.drain_immediate();
                 }
                 msg = msgs.recv() => match msg {
                     Some(Msg::Shutdown { kill_entities, reply }) => {

@@ -35,20 +35,22 @@ impl Warm {
 
     /// Catches up with the store if the HAM committed since the last look: decodes the
     /// records that changed, drops those that are gone. Cheap when nothing changed.
-    pub fn refresh(&mut self) {
-        self.catch_up(&AtomicBool::new(false));
+    /// Returns how many records changed.
+    pub fn refresh(&mut self) -> usize {
+        self.catch_up(&AtomicBool::new(false))
     }
 
     /// [`Warm::refresh`], giving up as soon as `abandon` is set.
-    fn catch_up(&mut self, abandon: &AtomicBool) {
+    fn catch_up(&mut self, abandon: &AtomicBool) -> usize {
         if self.peeker.committed() == self.seen {
-            return;
+            return 0;
         }
         let keys = &self.keys;
         // Abandoned, every record counts as known: nothing more is read.
         let peek = self
             .peeker
             .peek(|slot, key| keys.get(&slot) == Some(&key) || abandon.load(Ordering::Relaxed));
+        let changed = peek.changed.len();
         for (slot, key, blob) in peek.changed {
             if abandon.load(Ordering::Relaxed) {
                 self.keys.remove(&slot);
@@ -60,6 +62,7 @@ impl Warm {
         let present: HashSet<u32> = peek.present.iter().map(|(s, _)| *s).collect();
         self.drop_absent(&present);
         self.seen = peek.committed;
+        changed
     }
 
     /// Decodes and puts one record; one that does not decode is left for the takeover

@@ -23,6 +23,33 @@ pub fn release_free_heap() -> bool {
     unsafe { libc::malloc_trim(0) != 0 }
 }
 
+/// Below this, glibc keeps freed memory at the top of a heap, and allocations come
+/// from the heap rather than a mapping of their own: its default (128 KiB).
+const FIXED_THRESHOLD: libc::c_int = 128 * 1024;
+
+/// Makes the C allocator give back what is freed at the top of a heap as it goes. By
+/// default glibc raises both thresholds whenever a large block is freed (to twice its
+/// size), so after one multi-megabyte vector grows or goes, it keeps up to that much
+/// free memory in every heap for good, and `malloc_trim` never shrinks another
+/// thread's heap. Setting them fixes them at their defaults.
+pub fn fix_heap_thresholds() {
+    // SAFETY: `mallopt` is glibc's own entry point; it takes the main arena's lock and
+    // only changes two parameters of the allocator, valid at any time.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, FIXED_THRESHOLD);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, FIXED_THRESHOLD);
+    }
+}
+
+/// Bytes the C allocator holds free (glibc's `mallinfo2().fordblks`, every arena):
+/// freed memory it keeps for reuse, resident or given back already.
+pub fn free_heap_bytes() -> usize {
+    // SAFETY: `mallinfo2` is glibc's own entry point, safe to call at any time from any
+    // thread: it takes each arena's lock, only reads the allocator's bookkeeping, and
+    // returns a plain struct by value.
+    unsafe { libc::mallinfo2().fordblks }
+}
+
 /// What [`release_file_pages`] gave back.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Released {
