@@ -44,6 +44,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         // Where the time goes (warm rounds): kill → the Guardian notices (the store
         // lock is granted), and notice → every entity watched.
         let (mut notice, mut notice_watched) = (Samples::default(), Samples::default());
+        // Major page faults of the Guardian while it takes over (warm rounds): code or
+        // data read back from disk on the takeover's path.
+        let mut major_faults: Vec<u64> = Vec::new();
         for round in 0..samples {
             // Even rounds wait for a warm Guardian, odd ones kill at once (cold).
             let cold = round % 2 == 1;
@@ -55,7 +58,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             } else {
                 (&mut first, &mut watched)
             };
-            let (ham, _) = hamd.pair()?;
+            let (ham, guardian) = hamd.pair()?;
+            let faults_before = major_faults_of(guardian);
             let t0 = mono_ns();
             kill(ham, SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -95,6 +99,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
                 let noticed = p.takeover_done_mono_ns - p.takeover_us * 1000;
                 notice.push(noticed.saturating_sub(t0));
                 notice_watched.push(p.takeover_us * 1000);
+                if let (Some(a), Some(b)) = (faults_before, major_faults_of(guardian)) {
+                    major_faults.push(b.saturating_sub(a));
+                }
             }
             let mut now: Vec<i32> = st.entities.iter().map(|e| e.pid).collect();
             let mut before = pids.clone();
@@ -114,11 +121,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         let why = "no peer has a HAM/Guardian pair";
         let ms = |ns: u64| ns as f64 / 1e6;
         let split = format!(
-            "; warm rounds split (median / p99): kill → noticed {:.1} / {:.1} ms, noticed → watched {:.1} / {:.1} ms",
+            "; warm rounds split (median / p99): kill → noticed {:.1} / {:.1} ms, noticed → watched {:.1} / {:.1} ms; major page faults of the Guardian taking over: {} in {} rounds (at most {} in one)",
             ms(notice.median()),
             ms(notice.p99()),
             ms(notice_watched.median()),
-            ms(notice_watched.p99())
+            ms(notice_watched.p99()),
+            major_faults.iter().sum::<u64>(),
+            major_faults.len(),
+            major_faults.iter().max().copied().unwrap_or(0)
         );
         eprintln!("  {entities} entities{split}");
         for (how, first, watched) in [
@@ -151,4 +161,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// A process's major page faults so far (`/proc/PID/stat`, field 12).
+fn major_faults_of(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(9)?.parse().ok()
 }
