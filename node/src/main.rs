@@ -284,7 +284,10 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
     let lock_path = state.clone();
     let locker = std::thread::spawn(move || {
         let locked = guardian::shm::Store::wait_lock(&lock_path);
-        let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
+        // Only a granted lock is a sign of death; a failure to wait is not.
+        if locked.is_ok() {
+            let _ = rustix::io::write(&signal, &1u64.to_ne_bytes());
+        }
         locked
     });
     loop {
@@ -504,25 +507,6 @@ async fn run(
         let resuming = std::time::Instant::now();
         node.resume(ham_core::Resume::Takeover, &note);
         node.takeover_done(t.noticed);
-        // Closing the dead HAM's watch set unregisters every pidfd in it: kernel work
-        // done now, beside the loop, rather than in the dying HAM during the takeover.
-        // The same thread then waits for the dead HAM's flock and keeps it.
-        let retire = std::thread::Builder::new().name("ham-retire".into());
-        let retired = retire.spawn(move || {
-            // Cleanup: it yields the CPUs to the new HAM's first answers (the calling
-            // thread alone is reniced: `None` is the caller, a thread on Linux).
-            let _ = rustix::process::setpriority_process(None, 19);
-            drop(dead_ham_watch_set);
-            match flock.map(std::thread::JoinHandle::join) {
-                Some(Ok(Ok(locked))) => locked.hold_for_life(),
-                Some(Ok(Err(e))) => tracing::warn!("the store's flock: {e}"),
-                Some(Err(_)) => tracing::warn!("the store's flock thread panicked"),
-                None => {}
-            }
-        });
-        if retired.is_err() {
-            tracing::warn!("cannot start the thread that retires the dead HAM's resources");
-        }
         tracing::warn!(
             node = %name,
             store_us = t.store_ready.as_micros() as u64,
@@ -548,7 +532,40 @@ async fn run(
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     // The Guardian is started by the node loop, so a takeover answers requests first.
-    node.start_pair(&s.socket, control_dup, guardian_command(&args, &s)?)?;
+    // After a takeover, not before this HAM holds the store's flock: a new Guardian
+    // waiting for the flock beside this HAM's own waiter could be granted it when the
+    // dead HAM's files close, and take a live HAM for dead (seen at 10,000 entities,
+    // whose pidfds take the dying HAM a while to close).
+    node.start_pair(
+        &s.socket,
+        control_dup,
+        guardian_command(&args, &s)?,
+        flock.is_none(),
+    )?;
+    if takeover.is_some() {
+        let launch_guardian = node.guardian_launcher();
+        // Closing the dead HAM's watch set unregisters every pidfd in it: kernel work
+        // done beside the loop rather than in the dying HAM during the takeover. The
+        // same thread waits for the dead HAM's flock first, keeps it, then has the
+        // first Guardian launched.
+        let retire = std::thread::Builder::new().name("ham-retire".into());
+        let retired = retire.spawn(move || {
+            // Cleanup: it yields the CPUs to the new HAM's first answers (the calling
+            // thread alone is reniced: `None` is the caller, a thread on Linux).
+            let _ = rustix::process::setpriority_process(None, 19);
+            match flock.map(std::thread::JoinHandle::join) {
+                Some(Ok(Ok(locked))) => locked.hold_for_life(),
+                Some(Ok(Err(e))) => tracing::warn!("the store's flock: {e}"),
+                Some(Err(_)) => tracing::warn!("the store's flock thread panicked"),
+                None => {}
+            }
+            launch_guardian();
+            drop(dead_ham_watch_set);
+        });
+        if retired.is_err() {
+            tracing::warn!("cannot start the thread that retires the dead HAM's resources");
+        }
+    }
 
     // The mesh starts before serving, so that the first answers can already reach
     // other nodes; its task runs beside the node loop.

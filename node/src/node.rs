@@ -395,12 +395,14 @@ impl Node {
     }
 
     /// Starts the pair: binds the pair socket; the node loop spawns the Guardian as
-    /// soon as it runs (after the server is up, so a takeover answers first).
+    /// soon as it runs (after the server is up, so a takeover answers first), or,
+    /// without `launch_now`, once [`Node::guardian_launcher`]'s launcher is called.
     pub fn start_pair(
         &mut self,
         control_socket: &Path,
         control: std::os::fd::OwnedFd,
         command: GuardianCommand,
+        launch_now: bool,
     ) -> anyhow::Result<()> {
         let watch_set = self.watcher.set().try_clone_to_owned()?;
         let pair = Pair::new(
@@ -411,8 +413,19 @@ impl Node {
             self.pair_tx.clone(),
         )?;
         self.pair = Some(pair);
-        let _ = self.pair_tx.send(PairEvent::Exited(0));
+        if launch_now {
+            let _ = self.pair_tx.send(PairEvent::Exited(0));
+        }
         Ok(())
+    }
+
+    /// Has the first Guardian launched when called, from any thread (for a pair
+    /// started with `launch_now` false).
+    pub fn guardian_launcher(&self) -> impl FnOnce() + Send + 'static {
+        let tx = self.pair_tx.clone();
+        move || {
+            let _ = tx.send(PairEvent::Exited(0));
+        }
     }
 
     fn on_pair_event(&mut self, ev: PairEvent) {
