@@ -12,24 +12,29 @@ const GROWTH: usize = 1 << 20;
 /// Watches the free heap and gives it back when it grew (see the module docs).
 #[derive(Default)]
 pub struct HeapTrim {
-    /// The least free heap seen since the last trim.
-    floor: usize,
+    /// The least free heap seen since the last trim; `None` before the first look,
+    /// which always gives back (the start's garbage).
+    floor: Option<usize>,
 }
 
 impl HeapTrim {
-    /// Looks at the free heap (cheap: the allocator's counters); gives it back if it
-    /// grew by more than [`GROWTH`] since the least seen. Returns whether it did.
+    /// Looks at the free heap (cheap: the allocator's counters); gives it back at the
+    /// first look, and then if it grew by more than [`GROWTH`] since the least seen.
+    /// Returns whether it did.
     pub fn look(&mut self) -> bool {
         let free = free_heap_bytes();
-        if free > self.floor + GROWTH {
-            let trimmed = release_free_heap();
-            tracing::debug!(free, trimmed, "free heap given back");
-            // What was given back still counts as free: the floor starts from here.
-            self.floor = free_heap_bytes();
-            true
-        } else {
-            self.floor = self.floor.min(free);
-            false
+        match self.floor {
+            Some(floor) if free <= floor + GROWTH => {
+                self.floor = Some(floor.min(free));
+                false
+            }
+            _ => {
+                let trimmed = release_free_heap();
+                tracing::debug!(free, trimmed, "free heap given back");
+                // What was given back still counts as free: the floor starts from here.
+                self.floor = Some(free_heap_bytes());
+                true
+            }
         }
     }
 }

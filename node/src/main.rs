@@ -209,14 +209,8 @@ const RELEASE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Gives back the code and constant pages mapped only while starting
 /// (`guardian::shm::resident`): a daemon's resident set then shows what it runs.
-/// With `trim_heap` (the HAM) its free heap goes back too; a Guardian keeps its own
-/// for its takeover to reuse rather than fault in fresh pages then (a choice by
-/// reasoning: the measurement was too noisy to show a difference either way).
-fn release_start_up_pages(role: &str, trim_heap: bool) {
-    if trim_heap {
-        let heap_trimmed = guardian::shm::resident::release_free_heap();
-        tracing::debug!(role, heap_trimmed, "free heap given back");
-    }
+/// The free heap goes back on its own schedule (`heap::HeapTrim`).
+fn release_start_up_pages(role: &str) {
     match guardian::shm::resident::release_file_pages() {
         Ok(r) => tracing::debug!(
             role,
@@ -312,7 +306,7 @@ fn run_guardian(args: Args, filter: FilterHandle, pair: PathBuf) -> anyhow::Resu
                 }
                 if !released && started.elapsed() >= RELEASE_AFTER && warming.is_none() {
                     released = true;
-                    release_start_up_pages("Guardian", false);
+                    release_start_up_pages("Guardian");
                 }
             }
             guardian::pair::Wake::Stop => {
@@ -643,7 +637,7 @@ async fn run(
     notify_ready();
     tokio::spawn(async {
         tokio::time::sleep(RELEASE_AFTER).await;
-        release_start_up_pages("HAM", true);
+        release_start_up_pages("HAM");
     });
     // Registered for readable edges only (see `ham_proto::socket`).
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)

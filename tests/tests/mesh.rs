@@ -351,6 +351,23 @@ async fn hello(conn: &quinn::Connection, name: &str) -> Result<ham_overlay::wire
     .map_err(|e| e.to_string())
 }
 
+/// Connects as a member in good standing, opens a stream, writes `bytes` on it, and
+/// says whether the node closed the connection within 5 s.
+async fn stream_is_cut_off(
+    id: &ham_overlay::TlsIdentity,
+    ca_dir: &Path,
+    to: std::net::SocketAddr,
+    bytes: &[u8],
+) -> bool {
+    let conn = raw_connect(Some(id), ca_dir, to).await.expect("handshake");
+    hello(&conn, "evil").await.expect("answered");
+    let (mut send, _recv) = conn.open_bi().await.expect("stream");
+    send.write_all(bytes).await.expect("written");
+    tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .is_ok()
+}
+
 /// Reads one frame of an event feed (length, then a `FeedFrame`), within 5 s.
 async fn read_feed_frame(recv: &mut quinn::RecvStream) -> Option<ham_proto::feed_frame::Item> {
     let read = async {
@@ -466,41 +483,22 @@ async fn strangers_and_garbage_are_cut_off_while_the_mesh_carries_on() {
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     assert!(closed.is_ok(), "the garbage sender was not cut off");
     // A stream with an unknown tag is cut off too.
-    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
-        .await
-        .expect("handshake");
-    hello(&conn, "evil").await.expect("answered");
-    let (mut send, _recv) = conn.open_bi().await.expect("stream");
-    send.write_all(b"Xgarbage").await.expect("written");
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    assert!(closed.is_ok(), "an unknown stream tag was not cut off");
-
+    assert!(
+        stream_is_cut_off(&evil, &certs_dir.path, target, b"Xgarbage").await,
+        "an unknown stream tag was not cut off"
+    );
     // An event feed that asks with more than a request may hold is cut off.
-    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
-        .await
-        .expect("handshake");
-    hello(&conn, "evil").await.expect("answered");
-    let (mut send, _recv) = conn.open_bi().await.expect("stream");
-    send.write_all(&[ham_overlay::wire::TAG_FEED])
-        .await
-        .expect("tag");
-    send.write_all(&u32::MAX.to_be_bytes())
-        .await
-        .expect("length");
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    assert!(closed.is_ok(), "an oversized feed request was not cut off");
+    let mut oversized = vec![ham_overlay::wire::TAG_FEED];
+    oversized.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(
+        stream_is_cut_off(&evil, &certs_dir.path, target, &oversized).await,
+        "an oversized feed request was not cut off"
+    );
     // So is one whose request does not decode.
-    let conn = raw_connect(Some(&evil), &certs_dir.path, target)
-        .await
-        .expect("handshake");
-    hello(&conn, "evil").await.expect("answered");
-    let (mut send, _recv) = conn.open_bi().await.expect("stream");
     let mut garbage = vec![ham_overlay::wire::TAG_FEED, 0, 0, 0, 8];
     garbage.extend_from_slice(&[0xff; 8]);
-    send.write_all(&garbage).await.expect("written");
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     assert!(
-        closed.is_ok(),
+        stream_is_cut_off(&evil, &certs_dir.path, target, &garbage).await,
         "an undecodable feed request was not cut off"
     );
     // A well-formed one is answered: accepted, then the node's events as they come.
