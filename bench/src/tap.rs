@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tokio_stream::StreamExt;
 
 /// An event and when it arrived (CLOCK_MONOTONIC ns).
 #[derive(Clone, Debug)]
@@ -132,8 +133,7 @@ async fn follow(
     let opened = async {
         let mut c = ham::Client::connect(&socket).await?;
         c.set_target(target.as_deref())?;
-        let r = c.api().subscribe(req).await?;
-        Ok::<_, ham::ClientError>(r.into_inner())
+        c.feed(req).await
     };
     let mut stream = match opened.await {
         Ok(s) => s,
@@ -146,8 +146,8 @@ async fn follow(
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            m = stream.message() => {
-                let Ok(Some(event)) = m else { return };
+            m = stream.next() => {
+                let Some(Ok(event)) = m else { return };
                 let at_ns = mono_ns();
                 let n = if event.kind == "gap" { gap_size(&event) } else { 1 };
                 count.fetch_add(n, Ordering::Relaxed);

@@ -30,9 +30,11 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub use feed::EventFeed;
 pub use ham_proto;
 pub use raise::RaiseStream;
 
+mod feed;
 mod raise;
 
 /// What can go wrong talking to `hamd`.
@@ -261,6 +263,8 @@ pub struct Client {
     api: Api,
     channel: Channel,
     socket: PathBuf,
+    /// The node calls are for (`set_target`); `None`: the local one.
+    target: Option<String>,
     retry_for: Duration,
 }
 
@@ -278,6 +282,7 @@ impl Client {
                         api: HamClient::with_interceptor(channel.clone(), NodeTarget::default()),
                         channel,
                         socket: path,
+                        target: None,
                         retry_for,
                     });
                 }
@@ -364,6 +369,7 @@ impl Client {
             })?),
         };
         self.api = HamClient::with_interceptor(self.channel.clone(), NodeTarget(value));
+        self.target = node.map(str::to_string);
         Ok(())
     }
 
@@ -533,12 +539,40 @@ impl Client {
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
+    /// Opens one event feed as `req` asks, on the node this client talks to: the events
+    /// as hamd sends them, on a framed connection of their own (no HTTP/2 on the way),
+    /// with no resume across a takeover (that is [`Client::subscribe`]). Opening is
+    /// retried while hamd does not answer, as calls are.
+    pub async fn feed(&mut self, req: pb::SubscribeRequest) -> Result<EventFeed, ClientError> {
+        let node = self.target.clone().unwrap_or_default();
+        let deadline = Instant::now() + self.retry_for;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match feed::open(&self.socket, &node, req.clone()).await {
+                Ok(events) => return Ok(events),
+                Err(feed::OpenError::NobodyListens(reason)) => {
+                    return Err(ClientError::Connect {
+                        path: self.socket.clone(),
+                        reason,
+                    });
+                }
+                Err(feed::OpenError::Status(s))
+                    if is_transient(&s) && Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(feed::OpenError::Status(s)) => return Err(s.into()),
+            }
+        }
+    }
+
     async fn open_events(
         &mut self,
         s: &Subscription,
         from_seq: u64,
         resume: &HashMap<String, u64>,
-    ) -> Result<tonic::Streaming<pb::Event>, ClientError> {
+    ) -> Result<EventFeed, ClientError> {
         let req = pb::SubscribeRequest {
             entities: s.entities.clone(),
             kinds: s.kinds.clone(),
@@ -548,11 +582,7 @@ impl Client {
             topic: s.topic.clone(),
             resume: resume.clone(),
         };
-        self.call(move |mut api| {
-            let req = req.clone();
-            Box::pin(async move { api.subscribe(req).await })
-        })
-        .await
+        self.feed(req).await
     }
 
     async fn reopen_events(
@@ -560,7 +590,7 @@ impl Client {
         s: &Subscription,
         from_seq: u64,
         resume: &HashMap<String, u64>,
-    ) -> Result<tonic::Streaming<pb::Event>, ClientError> {
+    ) -> Result<EventFeed, ClientError> {
         let deadline = Instant::now() + self.retry_for;
         loop {
             match self.open_events(s, from_seq, resume).await {

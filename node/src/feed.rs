@@ -26,7 +26,7 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 /// Largest frame (one event or status) a follower reads; events are far smaller
 /// (their details are cut to 320 bytes).
 pub const MAX_FRAME: usize = 64 * 1024;
-/// How long a follower may take to send its request.
+/// How long a follower may take to send its request (also on the control socket).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a follower waits for the answer to its request.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,20 +70,12 @@ async fn serve_one(feed: FrameStream, svc: HamService) {
     tokio::pin!(stopped);
     let mut buf = BytesMut::new();
     loop {
-        let first = tokio::select! {
+        let end = tokio::select! {
             biased;
             _ = &mut stopped => return,
-            item = events.next() => item,
+            end = next_batch(&mut events, &mut buf) => end,
         };
-        let mut end = !put_item(&mut buf, first);
-        // Whatever else is there already goes in the same write.
-        while !end && buf.len() < BATCH_BYTES {
-            match events.next().now_or_never() {
-                Some(item) => end = !put_item(&mut buf, item),
-                None => break,
-            }
-        }
-        if !buf.is_empty() && send.write(buf.split().freeze()).await.is_err() {
+        if send.write(buf.split().freeze()).await.is_err() {
             return;
         }
         if end {
@@ -93,10 +85,25 @@ async fn serve_one(feed: FrameStream, svc: HamService) {
     }
 }
 
+/// Waits for the next event and appends it to `buf` as a frame, with whatever else the
+/// stream has ready (up to about [`BATCH_BYTES`]): one write for events that come
+/// together. Returns true once the stream is over; its last frame, then, is a status
+/// (code 0 when it simply ended), so that a follower can tell an end from a break.
+pub(crate) async fn next_batch(events: &mut EventStream, buf: &mut BytesMut) -> bool {
+    let mut end = !put_item(buf, events.next().await);
+    while !end && buf.len() < BATCH_BYTES {
+        match events.next().now_or_never() {
+            Some(item) => end = !put_item(buf, item),
+            None => break,
+        }
+    }
+    end
+}
+
 /// Appends an item of the event stream as a frame; false once the stream is over.
 fn put_item(buf: &mut BytesMut, item: Option<Result<pb::Event, Status>>) -> bool {
     let frame = match item {
-        None => return false,
+        None => pb::feed_frame::Item::Status(feed_status(&Status::ok(""))),
         Some(Ok(event)) => pb::feed_frame::Item::Event(event),
         Some(Err(status)) => pb::feed_frame::Item::Status(feed_status(&status)),
     };
@@ -116,7 +123,8 @@ fn feed_status(status: &Status) -> pb::FeedStatus {
     }
 }
 
-fn status_frame(status: &Status) -> Bytes {
+/// A status alone, as one frame: a feed's answer to its request.
+pub(crate) fn status_frame(status: &Status) -> Bytes {
     let frame = pb::FeedFrame {
         item: Some(pb::feed_frame::Item::Status(feed_status(status))),
     };

@@ -16,6 +16,7 @@ mod remote;
 mod remote_watch;
 mod service;
 mod singleton;
+mod socket_feed;
 mod time;
 mod warm;
 mod watch;
@@ -639,9 +640,9 @@ async fn run(
         tokio::time::sleep(RELEASE_AFTER).await;
         release_start_up_pages("HAM");
     });
-    // Registered for readable edges only (see `ham_proto::socket`).
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
-        .map(|accepted| accepted.and_then(ham_proto::socket::UnixStream::from_tokio));
+    // Event feeds are served apart; gRPC connections come out of `incoming`, registered
+    // for readable edges only (see `ham_proto::socket`).
+    let incoming = socket_feed::accept(listener, svc.clone());
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .layer(forward)

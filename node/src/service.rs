@@ -96,6 +96,22 @@ impl HamService {
         )))
     }
 
+    /// The events a subscription asks for, of node `target` (followed over the mesh's
+    /// event feed) or of this node (`None`).
+    pub async fn events_of(
+        &self,
+        target: Option<ham_overlay::NodeName>,
+        r: pb::SubscribeRequest,
+    ) -> Result<EventStream, Status> {
+        match target {
+            Some(node) => {
+                let mesh = crate::forward::mesh_to(&self.node, self.mesh.as_ref(), &node)?;
+                crate::feed::follow(mesh, &node, r).await
+            }
+            None => self.events(r).await,
+        }
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -402,14 +418,7 @@ impl Ham for HamService {
         // `ham --node b events`: followed over the mesh's event feed (not forwarded).
         let value = r.metadata().get(crate::forward::NODE_HEADER);
         let target = crate::forward::target_node(value.map(|v| v.as_bytes()), &self.node)?;
-        let events = match target {
-            Some(node) => {
-                let mesh = crate::forward::mesh_to(&self.node, self.mesh.as_ref(), &node)?;
-                crate::feed::follow(mesh, &node, r.into_inner()).await?
-            }
-            None => self.events(r.into_inner()).await?,
-        };
-        Ok(Response::new(events))
+        Ok(Response::new(self.events_of(target, r.into_inner()).await?))
     }
 
     async fn shutdown(&self, r: Req<pb::ShutdownRequest>) -> Result<Response<pb::Ack>, Status> {

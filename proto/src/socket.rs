@@ -16,6 +16,15 @@ use std::task::{Context, Poll, ready};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
+/// What a client writes first on the control socket to open an event feed (see
+/// `SocketFeedRequest` in `ham.proto`); a gRPC client's first bytes are HTTP/2's
+/// preface, which begins with `P`.
+pub const FEED_PREFACE: &[u8; 8] = b"HAMFEED1";
+
+/// Largest frame on a control-socket event feed, either way (events are far smaller:
+/// their details are cut to 320 bytes).
+pub const FEED_MAX_FRAME: usize = 64 * 1024;
+
 /// A connected Unix stream socket (see the module docs).
 pub struct UnixStream {
     io: AsyncFd<std::os::unix::net::UnixStream>,
@@ -41,6 +50,24 @@ impl UnixStream {
             room: None,
             info,
         })
+    }
+
+    /// Waits for the peer's first byte and returns it, leaving it to be read
+    /// (`MSG_PEEK`); `None` if the peer closed without sending anything.
+    pub async fn peek_first(&self) -> io::Result<Option<u8>> {
+        loop {
+            let mut guard = self.io.readable().await?;
+            let mut byte = [0u8; 1];
+            match guard.try_io(|io| {
+                rustix::net::recv(io.get_ref(), &mut byte, rustix::net::RecvFlags::PEEK)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(Ok((0, _))) => return Ok(None),
+                Ok(Ok(_)) => return Ok(Some(byte[0])),
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
     }
 
     /// Writes with `write` until it does not block; waits for room when it does.

@@ -669,3 +669,133 @@ fn raised(node: &TestNode, entity: &str) -> Vec<String> {
         .map(|e| e["detail"].as_str().unwrap_or("").to_string())
         .collect()
 }
+
+#[test]
+fn the_socket_event_feed_gives_what_grpc_subscribe_gives_and_ends_cleanly() {
+    let node = TestNode::start("feed");
+    node.ham(&["entity", "global", "sensor"]);
+    for i in 0..5 {
+        node.ham(&["raise", "sensor", &format!("r{i}")]);
+    }
+    let req = ham::ham_proto::SubscribeRequest {
+        from_seq: 1,
+        ..Default::default()
+    };
+    let rt = ham_tests::runtime();
+    let (grpc, feed) = rt.block_on(async {
+        use tokio_stream::StreamExt;
+        let mut c = ham::Client::connect(&node.socket).await.expect("connects");
+        let mut s = c
+            .api()
+            .subscribe(req.clone())
+            .await
+            .expect("subscribes")
+            .into_inner();
+        let mut grpc = Vec::new();
+        while let Some(e) = s.message().await.expect("the gRPC stream ends cleanly") {
+            grpc.push(e);
+        }
+        let mut s = c.feed(req).await.expect("opens a feed");
+        let mut feed = Vec::new();
+        while let Some(e) = s.next().await {
+            feed.push(e.expect("the feed ends cleanly, with no error"));
+        }
+        (grpc, feed)
+    });
+    assert!(grpc.len() >= 6, "{grpc:?}");
+    assert_eq!(feed, grpc);
+}
+
+#[test]
+fn broken_event_feeds_on_the_control_socket_are_dropped_and_hamd_carries_on() {
+    use ham::ham_proto::{self as pb, Message};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let node = TestNode::start("badfeed");
+    let framed = |body: &[u8]| {
+        let mut out = b"HAMFEED1".to_vec();
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    };
+    let request = |node_name: &str, subscribe: Option<pb::SubscribeRequest>| {
+        framed(
+            &pb::SocketFeedRequest {
+                node: node_name.into(),
+                subscribe,
+            }
+            .encode_to_vec(),
+        )
+    };
+    // Sends `bytes`, then reads until hamd closes (a reset when it left bytes unread):
+    // what it answered, if anything.
+    let exchange = |bytes: &[u8]| -> Vec<u8> {
+        let mut s = UnixStream::connect(&node.socket).expect("connects");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(bytes).expect("writes");
+        let mut answer = Vec::new();
+        match s.read_to_end(&mut answer) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("hamd did not close the connection: {e}"),
+        }
+        answer
+    };
+    let status_of = |answer: &[u8]| -> pb::FeedStatus {
+        assert!(answer.len() >= 4, "{answer:?}");
+        let n = u32::from_be_bytes(answer[..4].try_into().expect("4")) as usize;
+        match pb::FeedFrame::decode(&answer[4..4 + n])
+            .expect("a frame")
+            .item
+        {
+            Some(pb::feed_frame::Item::Status(s)) => s,
+            other => panic!("expected a status, got {other:?}"),
+        }
+    };
+    // A silent connection holds nothing up meanwhile.
+    let _silent = UnixStream::connect(&node.socket).expect("connects");
+    // A wrong preface, an oversized frame, an undecodable request: dropped unanswered.
+    assert!(exchange(b"HAMFEEDX\0\0\0\0").is_empty());
+    let mut oversized = b"HAMFEED1".to_vec();
+    oversized.extend_from_slice(&u32::MAX.to_be_bytes());
+    assert!(exchange(&oversized).is_empty());
+    assert!(exchange(&framed(&[0xff; 16])).is_empty());
+    // Well-formed but wrong: answered with the status gRPC would give.
+    let s = status_of(&exchange(&request("", None)));
+    assert_eq!(s.code, tonic::Code::InvalidArgument as i32, "{s:?}");
+    let s = status_of(&exchange(&request("b", Some(Default::default()))));
+    assert_eq!(s.code, tonic::Code::FailedPrecondition as i32, "{s:?}");
+    assert!(s.message.contains("without a mesh"), "{s:?}");
+    // A well-formed replay: accepted, events, then the closing status.
+    node.ham(&["entity", "global", "g"]);
+    let replay = pb::SubscribeRequest {
+        from_seq: 1,
+        ..Default::default()
+    };
+    let answer = exchange(&request("", Some(replay)));
+    assert_eq!(status_of(&answer).code, 0);
+    let mut at = 0;
+    let mut items = Vec::new();
+    while at < answer.len() {
+        let n = u32::from_be_bytes(answer[at..at + 4].try_into().expect("4")) as usize;
+        items.push(
+            pb::FeedFrame::decode(&answer[at + 4..at + 4 + n])
+                .expect("a frame")
+                .item
+                .expect("an item"),
+        );
+        at += 4 + n;
+    }
+    assert!(
+        items.iter().any(|i| matches!(i,
+            pb::feed_frame::Item::Event(e) if e.entity == "g" && e.kind == "entity-added")),
+        "{items:?}"
+    );
+    assert!(
+        matches!(items.last(), Some(pb::feed_frame::Item::Status(s)) if s.code == 0),
+        "{items:?}"
+    );
+    // gRPC still answers.
+    node.ham(&["status"]);
+}

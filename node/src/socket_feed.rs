@@ -1,0 +1,147 @@
+//! The control socket's connections, and the event feeds among them.
+//!
+//! The client library follows events (`ham events`, `Client::subscribe`, `--node b`,
+//! `--node all`) on a feed like the mesh's ([`crate::feed`]): after the 8-byte
+//! [`FEED_PREFACE`], one frame with a `SocketFeedRequest`, then hamd's answer and
+//! events as frames, several to a write when they come together. No HTTP/2 on the
+//! subscriber's side of the path: a gRPC event costs an HTTP/2 DATA frame in a
+//! connection with flow control and a task of its own on either side. The gRPC
+//! `Subscribe` stays, for every other client.
+//!
+//! A connection is told apart by its first byte, peeked (HTTP/2's preface begins with
+//! `P`, the feed's with `H`); gRPC connections go on to tonic untouched. Bounds: the
+//! first byte within [`FIRST_BYTE_TIMEOUT`], the request within
+//! [`feed::REQUEST_TIMEOUT`] and at most [`FEED_MAX_FRAME`] bytes; a client that breaks
+//! them is dropped, and a client that writes after its request is done with.
+
+use crate::feed;
+use crate::service::{EventStream, HamService};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use ham_proto::socket::{FEED_MAX_FRAME, FEED_PREFACE, UnixStream};
+use ham_proto::{self as pb, Message};
+use std::io;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tonic::Status;
+
+/// How long a new connection may stay silent before it is dropped.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts the control socket's connections: event feeds are served here, the rest
+/// (gRPC) come out of the returned stream, for tonic.
+pub fn accept(listener: UnixListener, svc: HamService) -> ReceiverStream<io::Result<UnixStream>> {
+    let (grpc, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // tonic stopped serving: so does the listener.
+                _ = grpc.closed() => return,
+            };
+            match accepted.and_then(|(s, _)| UnixStream::from_tokio(s)) {
+                Ok(stream) => {
+                    tokio::spawn(route(stream, grpc.clone(), svc.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors, most likely: pause rather than spin.
+                    tracing::warn!("control socket: cannot accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Sends a connection to the feed server or to tonic, by its first byte.
+async fn route(stream: UnixStream, grpc: mpsc::Sender<io::Result<UnixStream>>, svc: HamService) {
+    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek_first()).await {
+        Ok(Ok(Some(first))) if first == FEED_PREFACE[0] => serve(stream, svc).await,
+        Ok(Ok(Some(_))) => {
+            let _ = grpc.send(Ok(stream)).await;
+        }
+        // Closed, broken, or silent: nothing to serve.
+        _ => {}
+    }
+}
+
+/// The codec of a feed's frames: a big-endian `u32` length, then the bytes.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(FEED_MAX_FRAME)
+        .new_codec()
+}
+
+/// Serves one event feed: reads the request, answers it, then writes events until
+/// the stream ends or the client goes.
+async fn serve(stream: UnixStream, svc: HamService) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let req = match tokio::time::timeout(feed::REQUEST_TIMEOUT, read_request(&mut rd)).await {
+        Ok(Ok(req)) => req,
+        Ok(Err(why)) => {
+            tracing::debug!("control socket: dropped an event feed: {why}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let mut events = match open(&svc, req).await {
+        Ok(events) => events,
+        Err(status) => {
+            let _ = wr.write_all(&feed::status_frame(&status)).await;
+            return;
+        }
+    };
+    if wr
+        .write_all(&feed::status_frame(&Status::ok("")))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = BytesMut::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let end = tokio::select! {
+            biased;
+            // The client sends nothing after its request: whatever comes, it is done.
+            _ = rd.read(&mut byte) => return,
+            end = feed::next_batch(&mut events, &mut buf) => end,
+        };
+        if wr.write_all(&buf).await.is_err() || end {
+            return;
+        }
+        buf.clear();
+    }
+}
+
+/// Reads the preface and the request frame.
+async fn read_request(rd: &mut ReadHalf<UnixStream>) -> Result<pb::SocketFeedRequest, String> {
+    let mut preface = [0u8; FEED_PREFACE.len()];
+    rd.read_exact(&mut preface)
+        .await
+        .map_err(|e| format!("no preface: {e}"))?;
+    if &preface != FEED_PREFACE {
+        return Err("a wrong preface".into());
+    }
+    let mut frames = FramedRead::new(rd, codec());
+    match frames.next().await {
+        Some(Ok(body)) => pb::SocketFeedRequest::decode(body.freeze())
+            .map_err(|e| format!("an undecodable request: {e}")),
+        Some(Err(e)) => Err(format!("a broken request: {e}")),
+        None => Err("closed before its request".into()),
+    }
+}
+
+/// The event stream a request asks for: this node's, or another's over the mesh.
+async fn open(svc: &HamService, req: pb::SocketFeedRequest) -> Result<EventStream, Status> {
+    let subscribe = req
+        .subscribe
+        .ok_or_else(|| Status::invalid_argument("the event feed request has no subscription"))?;
+    let target = crate::forward::target_node(Some(req.node.as_bytes()), svc.node_name())?;
+    svc.events_of(target, subscribe).await
+}
