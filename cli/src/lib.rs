@@ -455,6 +455,14 @@ impl Client {
     /// high rate: no round trip per raise, one store commit per batch. Not retried
     /// across a takeover: after an error, [`RaiseStream::handled`] says what took effect.
     pub async fn raise_stream(&mut self) -> Result<RaiseStream, ClientError> {
+        if self.target.is_none() {
+            return RaiseStream::framed(&self.socket)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    path: self.socket.clone(),
+                    reason: e.to_string(),
+                });
+        }
         let (tx, rx) = RaiseStream::channel();
         let progress = self
             .api

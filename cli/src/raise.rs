@@ -1,13 +1,28 @@
 //! A stream of raises to one `hamd` ([`crate::Client::raise_stream`]): a detector that
 //! reports at a high rate sends each raise without waiting, and `hamd` handles what
 //! has arrived in batches, one store commit each.
+//!
+//! To the local node the raises go framed on a connection of their own (the preface
+//! `HAMRAIS1`, one `RaiseRequest` per frame, `RaiseAnswer`s back; see `ham.proto`),
+//! written by a task that puts whatever is queued in one write; to another node
+//! (`set_target`) they go as the gRPC `RaiseStream`, which the local `hamd` forwards.
 
 use crate::ClientError;
-use ham_proto as pb;
+use bytes::{BufMut, BytesMut};
+use futures_util::StreamExt;
+use ham_proto::socket::{FEED_MAX_FRAME, RAISE_PREFACE, UnixStream};
+use ham_proto::{self as pb, Message, raise_answer::Item};
+use std::path::Path;
 use std::pin::Pin;
 use std::task::Poll;
+use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tonic::{Code, Status};
+
+/// `hamd`'s answers: cumulative progress, then at most one error.
+type Progress = Pin<Box<dyn Stream<Item = Result<pb::RaiseProgress, Status>> + Send>>;
 
 /// Raises in flight before [`RaiseStream::raise`] waits for `hamd` to catch up.
 const BUFFER: usize = 1024;
@@ -16,22 +31,66 @@ const BUFFER: usize = 1024;
 /// also waits until every raise sent is handled.
 pub struct RaiseStream {
     tx: Option<mpsc::Sender<pb::RaiseRequest>>,
-    progress: tonic::Streaming<pb::RaiseProgress>,
+    progress: Progress,
     sent: u64,
     handled: u64,
 }
 
 impl RaiseStream {
+    /// A stream over the gRPC call whose request stream reads `tx`'s channel.
     pub(crate) fn new(
         tx: mpsc::Sender<pb::RaiseRequest>,
         progress: tonic::Streaming<pb::RaiseProgress>,
     ) -> RaiseStream {
+        RaiseStream::with(tx, Box::pin(progress))
+    }
+
+    fn with(tx: mpsc::Sender<pb::RaiseRequest>, progress: Progress) -> RaiseStream {
         RaiseStream {
             tx: Some(tx),
             progress,
             sent: 0,
             handled: 0,
         }
+    }
+
+    /// A framed stream to the `hamd` of `socket` (see the module docs).
+    pub(crate) async fn framed(socket: &Path) -> std::io::Result<RaiseStream> {
+        let stream = UnixStream::connect(socket).await?;
+        let (rd, mut wr) = tokio::io::split(stream);
+        wr.write_all(RAISE_PREFACE).await?;
+        let (tx, rx) = RaiseStream::channel();
+        tokio::spawn(write_raises(rx, wr));
+        let codec = LengthDelimitedCodec::builder()
+            .max_frame_length(FEED_MAX_FRAME)
+            .new_codec();
+        let answers = FramedRead::new(rd, codec);
+        let progress = futures_util::stream::unfold(Some(answers), |answers| async move {
+            let mut answers = answers?;
+            let item = match answers.next().await {
+                Some(Ok(frame)) => match pb::RaiseAnswer::decode(frame.freeze()) {
+                    Ok(pb::RaiseAnswer { item: Some(item) }) => item,
+                    _ => {
+                        let broken = "hamd broke the raise stream protocol";
+                        return Some((Err(Status::internal(broken)), None));
+                    }
+                },
+                Some(Err(e)) => {
+                    let broken = format!("the raise stream connection broke: {e}");
+                    return Some((Err(Status::unavailable(broken)), None));
+                }
+                None => {
+                    let broken = "the raise stream connection closed";
+                    return Some((Err(Status::unavailable(broken)), None));
+                }
+            };
+            match item {
+                Item::Progress(p) => Some((Ok(p), Some(answers))),
+                Item::Status(s) if s.code == Code::Ok as i32 => None,
+                Item::Status(s) => Some((Err(Status::new(Code::from(s.code), s.message)), None)),
+            }
+        });
+        Ok(RaiseStream::with(tx, Box::pin(progress)))
     }
 
     /// The channel a stream reads its raises from.
@@ -54,6 +113,11 @@ impl RaiseStream {
     ) -> Result<(), ClientError> {
         self.take_progress()?;
         let r = crate::raise_request(name, severity, message);
+        if r.encoded_len() + 16 > FEED_MAX_FRAME {
+            return Err(ClientError::Status(Status::invalid_argument(format!(
+                "a raise is at most {FEED_MAX_FRAME} bytes"
+            ))));
+        }
         let sent = match &self.tx {
             Some(tx) => tx.send(r).await.is_ok(),
             None => false,
@@ -82,7 +146,7 @@ impl RaiseStream {
     pub async fn finish(mut self) -> Result<u64, ClientError> {
         self.tx = None;
         loop {
-            match self.progress.message().await? {
+            match self.progress.next().await.transpose()? {
                 Some(p) => self.handled = self.handled.max(p.handled),
                 None if self.handled == self.sent => return Ok(self.handled),
                 None => {
@@ -100,7 +164,7 @@ impl RaiseStream {
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         loop {
-            match Pin::new(&mut self.progress).poll_next(&mut cx) {
+            match self.progress.as_mut().poll_next(&mut cx) {
                 Poll::Ready(Some(Ok(p))) => self.handled = self.handled.max(p.handled),
                 Poll::Ready(Some(Err(s))) => return Err(s.into()),
                 Poll::Ready(None) | Poll::Pending => return Ok(()),
@@ -111,15 +175,43 @@ impl RaiseStream {
     /// The status that ended the call.
     async fn final_error(&mut self) -> ClientError {
         loop {
-            match self.progress.message().await {
-                Ok(Some(p)) => self.handled = self.handled.max(p.handled),
-                Ok(None) => {
+            match self.progress.next().await {
+                Some(Ok(p)) => self.handled = self.handled.max(p.handled),
+                None => {
                     return ClientError::Status(tonic::Status::unavailable(
                         "hamd ended the raise stream",
                     ));
                 }
-                Err(s) => return s.into(),
+                Some(Err(s)) => return s.into(),
             }
         }
     }
+}
+
+/// Writes the queued raises as frames, whatever is queued in one write; shuts the
+/// writing side down once the stream is dropped or finished, which tells `hamd` the
+/// stream is over.
+async fn write_raises(mut rx: mpsc::Receiver<pb::RaiseRequest>, mut wr: WriteHalf<UnixStream>) {
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        put_raise(&mut buf, &first);
+        while buf.len() < FEED_MAX_FRAME {
+            match rx.try_recv() {
+                Ok(r) => put_raise(&mut buf, &r),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() {
+            // hamd went: the progress stream says why.
+            return;
+        }
+        buf.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn put_raise(buf: &mut BytesMut, r: &pb::RaiseRequest) {
+    buf.put_u32(r.encoded_len() as u32);
+    // A `BytesMut` grows as needed: encoding into it cannot fail.
+    let _ = r.encode(buf);
 }

@@ -116,7 +116,8 @@ fn put_item(buf: &mut BytesMut, item: Option<Result<pb::Event, Status>>) -> bool
     more
 }
 
-fn feed_status(status: &Status) -> pb::FeedStatus {
+/// A status as a feed carries it.
+pub(crate) fn feed_status(status: &Status) -> pb::FeedStatus {
     pb::FeedStatus {
         code: status.code() as i32,
         message: status.message().to_string(),

@@ -2,6 +2,7 @@
 //! in shared memory, and serves the control API on a Unix socket.
 
 mod cluster;
+mod control_socket;
 mod convert;
 mod cursor;
 mod fanout;
@@ -16,7 +17,6 @@ mod remote;
 mod remote_watch;
 mod service;
 mod singleton;
-mod socket_feed;
 mod time;
 mod warm;
 mod watch;
@@ -642,7 +642,7 @@ async fn run(
     });
     // Event feeds are served apart; gRPC connections come out of `incoming`, registered
     // for readable edges only (see `ham_proto::socket`).
-    let incoming = socket_feed::accept(listener, svc.clone());
+    let incoming = control_socket::accept(listener, svc.clone());
     let (stopped_tx, stopped_rx) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .layer(forward)

@@ -11,9 +11,9 @@ use ham_proto as pb;
 use std::pin::Pin;
 use std::task::Poll;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
 
 /// The most raises handed to the node loop at once.
 pub const MAX_BATCH: usize = 256;
@@ -26,9 +26,16 @@ pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis
 /// The answers of one stream: progress counts, then at most one error.
 pub type ProgressStream = ReceiverStream<Result<pb::RaiseProgress, Status>>;
 
+/// Raises as they are read: a gRPC request stream, or frames off the control socket.
+pub trait Inbound:
+    Stream<Item = Result<pb::RaiseRequest, Status>> + Unpin + Send + 'static
+{
+}
+impl<T: Stream<Item = Result<pb::RaiseRequest, Status>> + Unpin + Send + 'static> Inbound for T {}
+
 /// Serves one stream: reads raises, hands them to the node loop in batches, answers
 /// with progress. Ends at the end of the request stream, or at the first error.
-pub fn serve(node: mpsc::Sender<Msg>, mut inbound: Streaming<pb::RaiseRequest>) -> ProgressStream {
+pub fn serve(node: mpsc::Sender<Msg>, mut inbound: impl Inbound) -> ProgressStream {
     // Progress is cumulative, so a slow reader only misses intermediate counts: the
     // loop never waits for the client to read them (which could deadlock a client
     // that writes before it reads). Only the final error is waited for.
@@ -50,13 +57,7 @@ pub fn serve(node: mpsc::Sender<Msg>, mut inbound: Streaming<pb::RaiseRequest>) 
                 },
                 None => next_batch(&mut inbound).await,
             };
-            let (batch, ended) = match next {
-                Ok(b) => b,
-                Err(status) => {
-                    let _ = out.send(Err(status)).await;
-                    return;
-                }
-            };
+            let (batch, ending) = next;
             if !batch.is_empty() {
                 let index = handled;
                 let (reply, answer) = oneshot::channel();
@@ -82,9 +83,19 @@ pub fn serve(node: mpsc::Sender<Msg>, mut inbound: Streaming<pb::RaiseRequest>) 
                 }
                 unsent.get_or_insert_with(|| tokio::time::Instant::now() + PROGRESS_EVERY);
             }
-            if ended {
-                let _ = out.send(Ok(pb::RaiseProgress { handled })).await;
-                return;
+            match ending {
+                Ending::More => {}
+                Ending::Ended => {
+                    let _ = out.send(Ok(pb::RaiseProgress { handled })).await;
+                    return;
+                }
+                Ending::Broken(status) => {
+                    let _ = out.try_send(Ok(pb::RaiseProgress { handled }));
+                    let message =
+                        format!("raise {} of this stream: {}", handled + 1, status.message());
+                    let _ = out.send(Err(Status::new(status.code(), message))).await;
+                    return;
+                }
             }
         }
     });
@@ -95,27 +106,38 @@ fn shutting_down() -> Status {
     Status::unavailable("hamd is shutting down")
 }
 
+/// How a batch ends the reading of a stream.
+enum Ending {
+    /// More may come.
+    More,
+    /// The request stream ended.
+    Ended,
+    /// The next message could not be read (undecodable, too large, a broken
+    /// connection): the raises before it are handled, nothing after it is.
+    Broken(Status),
+}
+
 /// Waits for one raise, then takes every one that has already arrived (up to
-/// [`MAX_BATCH`]); `true` when the request stream ended.
-async fn next_batch(
-    inbound: &mut Streaming<pb::RaiseRequest>,
-) -> Result<(Vec<Request>, bool), Status> {
+/// [`MAX_BATCH`]), stopping before a message that cannot be read.
+async fn next_batch(inbound: &mut impl Inbound) -> (Vec<Request>, Ending) {
     let mut batch = Vec::new();
-    let Some(first) = inbound.message().await? else {
-        return Ok((batch, true));
-    };
-    batch.push(raise(first));
+    match inbound.next().await {
+        Some(Ok(first)) => batch.push(raise(first)),
+        Some(Err(status)) => return (batch, Ending::Broken(status)),
+        None => return (batch, Ending::Ended),
+    }
     while batch.len() < MAX_BATCH {
         // One poll: a message already received is ready now; otherwise stop here.
         let ready =
             std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *inbound).poll_next(cx))).await;
         match ready {
-            Poll::Ready(Some(m)) => batch.push(raise(m?)),
-            Poll::Ready(None) => return Ok((batch, true)),
+            Poll::Ready(Some(Ok(m))) => batch.push(raise(m)),
+            Poll::Ready(Some(Err(status))) => return (batch, Ending::Broken(status)),
+            Poll::Ready(None) => return (batch, Ending::Ended),
             Poll::Pending => break,
         }
     }
-    Ok((batch, false))
+    (batch, Ending::More)
 }
 
 fn raise(r: pb::RaiseRequest) -> Request {

@@ -112,6 +112,14 @@ impl HamService {
         }
     }
 
+    /// Serves a stream of raises (see [`crate::raise_stream`]).
+    pub fn serve_raises(
+        &self,
+        inbound: impl crate::raise_stream::Inbound,
+    ) -> crate::raise_stream::ProgressStream {
+        crate::raise_stream::serve(self.tx.clone(), inbound)
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Status> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -318,10 +326,7 @@ impl Ham for HamService {
         &self,
         r: Req<tonic::Streaming<pb::RaiseRequest>>,
     ) -> Result<Response<Self::RaiseStreamStream>, Status> {
-        Ok(Response::new(crate::raise_stream::serve(
-            self.tx.clone(),
-            r.into_inner(),
-        )))
+        Ok(Response::new(self.serve_raises(r.into_inner())))
     }
 
     async fn set_state(&self, r: Req<pb::SetStateRequest>) -> Result<Response<pb::Ack>, Status> {

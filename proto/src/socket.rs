@@ -18,11 +18,15 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// What a client writes first on the control socket to open an event feed (see
 /// `SocketFeedRequest` in `ham.proto`); a gRPC client's first bytes are HTTP/2's
-/// preface, which begins with `P`.
+/// preface, which begins with `P`, and the framed prefaces begin with `H`.
 pub const FEED_PREFACE: &[u8; 8] = b"HAMFEED1";
 
-/// Largest frame on a control-socket event feed, either way (events are far smaller:
-/// their details are cut to 320 bytes).
+/// What a client writes first on the control socket to open a framed raise stream
+/// (see `RaiseAnswer` in `ham.proto`).
+pub const RAISE_PREFACE: &[u8; 8] = b"HAMRAIS1";
+
+/// Largest frame on the control socket's framed connections, either way (events and
+/// raises are far smaller: details and messages are cut to 320 bytes).
 pub const FEED_MAX_FRAME: usize = 64 * 1024;
 
 /// A connected Unix stream socket (see the module docs).

@@ -799,3 +799,74 @@ fn broken_event_feeds_on_the_control_socket_are_dropped_and_hamd_carries_on() {
     // gRPC still answers.
     node.ham(&["status"]);
 }
+
+#[test]
+fn the_grpc_raise_stream_still_serves_other_clients_and_a_bad_raise_frame_is_refused() {
+    use ham::ham_proto::{self as pb, Message};
+    use std::io::{Read, Write};
+    let node = TestNode::start("grpcraise");
+    node.ham(&["entity", "global", "sensor"]);
+    let rt = ham_tests::runtime();
+    // The gRPC call, as a client in another language makes it.
+    let handled = rt.block_on(async {
+        let mut c = ham::Client::connect(&node.socket).await.expect("connects");
+        let reqs: Vec<pb::RaiseRequest> = (0..50)
+            .map(|i| pb::RaiseRequest {
+                name: "sensor".into(),
+                severity: 3,
+                message: format!("g{i}"),
+            })
+            .collect();
+        let mut progress = c
+            .api()
+            .raise_stream(tokio_stream::iter(reqs))
+            .await
+            .expect("opens")
+            .into_inner();
+        let mut handled = 0;
+        while let Some(p) = progress.message().await.expect("no error") {
+            handled = p.handled;
+        }
+        handled
+    });
+    assert_eq!(handled, 50);
+    let expected: Vec<String> = (0..50).map(|i| format!("severity 3: g{i}")).collect();
+    assert_eq!(raised(&node, "sensor"), expected);
+    // A framed raise stream whose second frame does not decode: the first raise is
+    // handled, then the stream ends with an error, and nothing else is raised.
+    let good = pb::RaiseRequest {
+        name: "sensor".into(),
+        severity: 4,
+        message: "ok".into(),
+    }
+    .encode_to_vec();
+    let mut bytes = b"HAMRAIS1".to_vec();
+    for body in [&good[..], &[0xff; 8][..]] {
+        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(body);
+    }
+    let mut s = std::os::unix::net::UnixStream::connect(&node.socket).expect("connects");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(&bytes).expect("writes");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let mut items = Vec::new();
+    let mut at = 0;
+    while at + 4 <= answer.len() {
+        let n = u32::from_be_bytes(answer[at..at + 4].try_into().expect("4")) as usize;
+        let frame = pb::RaiseAnswer::decode(&answer[at + 4..at + 4 + n]).expect("an answer");
+        items.push(frame.item.expect("an item"));
+        at += 4 + n;
+    }
+    match items.last() {
+        Some(pb::raise_answer::Item::Status(st)) => {
+            assert_eq!(st.code, tonic::Code::InvalidArgument as i32, "{st:?}")
+        }
+        other => panic!("expected a closing error, got {other:?} in {items:?}"),
+    }
+    wait_until("the good raise handled", 5, || {
+        raised(&node, "sensor").last().map(String::as_str) == Some("severity 4: ok")
+    });
+    assert_eq!(raised(&node, "sensor").len(), 51);
+}

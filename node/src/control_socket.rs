@@ -1,28 +1,35 @@
-//! The control socket's connections, and the event feeds among them.
+//! The control socket's connections: gRPC ones go on to tonic; the framed ones, the
+//! client library's fast paths, are served here.
 //!
-//! The client library follows events (`ham events`, `Client::subscribe`, `--node b`,
-//! `--node all`) on a feed like the mesh's ([`crate::feed`]): after the 8-byte
-//! [`FEED_PREFACE`], one frame with a `SocketFeedRequest`, then hamd's answer and
-//! events as frames, several to a write when they come together. No HTTP/2 on the
-//! subscriber's side of the path: a gRPC event costs an HTTP/2 DATA frame in a
-//! connection with flow control and a task of its own on either side. The gRPC
-//! `Subscribe` stays, for every other client.
+//! - **Event feeds** (`ham events`, `Client::subscribe`, `--node b`, `--node all`):
+//!   after the 8-byte [`FEED_PREFACE`], one frame with a `SocketFeedRequest`, then
+//!   hamd's answer and events as frames, as on the mesh's feeds ([`crate::feed`]),
+//!   several to a write when they come together.
+//! - **Raise streams** (`Client::raise_stream` on the local node): after
+//!   [`RAISE_PREFACE`], one `RaiseRequest` per frame, handled as the gRPC
+//!   `RaiseStream` handles them ([`crate::raise_stream`]); answered with
+//!   `RaiseAnswer` frames.
+//!
+//! No HTTP/2 at either end of an event's path: over gRPC an event costs an HTTP/2
+//! DATA frame in a connection with flow control and a task of its own on either side.
+//! The gRPC calls stay, for every other client.
 //!
 //! A connection is told apart by its first byte, peeked (HTTP/2's preface begins with
-//! `P`, the feed's with `H`); gRPC connections go on to tonic untouched. Bounds: the
-//! first byte within [`FIRST_BYTE_TIMEOUT`], the request within
-//! [`feed::REQUEST_TIMEOUT`] and at most [`FEED_MAX_FRAME`] bytes; a client that breaks
-//! them is dropped, and a client that writes after its request is done with.
+//! `P`, the framed ones with `H`). Bounds: the first byte within
+//! [`FIRST_BYTE_TIMEOUT`], the preface and a feed's request within
+//! [`feed::REQUEST_TIMEOUT`], frames of at most [`FEED_MAX_FRAME`] bytes; a client that
+//! breaks them is dropped, and a feed's client that writes after its request is done
+//! with.
 
 use crate::feed;
 use crate::service::{EventStream, HamService};
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use ham_proto::socket::{FEED_MAX_FRAME, FEED_PREFACE, UnixStream};
+use ham_proto::socket::{FEED_MAX_FRAME, FEED_PREFACE, RAISE_PREFACE, UnixStream};
 use ham_proto::{self as pb, Message};
 use std::io;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,7 +68,7 @@ pub fn accept(listener: UnixListener, svc: HamService) -> ReceiverStream<io::Res
 /// Sends a connection to the feed server or to tonic, by its first byte.
 async fn route(stream: UnixStream, grpc: mpsc::Sender<io::Result<UnixStream>>, svc: HamService) {
     match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek_first()).await {
-        Ok(Ok(Some(first))) if first == FEED_PREFACE[0] => serve(stream, svc).await,
+        Ok(Ok(Some(first))) if first == FEED_PREFACE[0] => serve_framed(stream, svc).await,
         Ok(Ok(Some(_))) => {
             let _ = grpc.send(Ok(stream)).await;
         }
@@ -77,10 +84,21 @@ pub fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Serves a framed connection, by its preface.
+async fn serve_framed(stream: UnixStream, svc: HamService) {
+    let (mut rd, wr) = tokio::io::split(stream);
+    let mut preface = [0u8; FEED_PREFACE.len()];
+    match tokio::time::timeout(feed::REQUEST_TIMEOUT, rd.read_exact(&mut preface)).await {
+        Ok(Ok(_)) if &preface == FEED_PREFACE => serve_feed(rd, wr, svc).await,
+        Ok(Ok(_)) if &preface == RAISE_PREFACE => serve_raises(rd, wr, svc).await,
+        Ok(Ok(_)) => tracing::debug!("control socket: dropped a connection with a wrong preface"),
+        _ => {}
+    }
+}
+
 /// Serves one event feed: reads the request, answers it, then writes events until
 /// the stream ends or the client goes.
-async fn serve(stream: UnixStream, svc: HamService) {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+async fn serve_feed(mut rd: ReadHalf<UnixStream>, mut wr: WriteHalf<UnixStream>, svc: HamService) {
     let req = match tokio::time::timeout(feed::REQUEST_TIMEOUT, read_request(&mut rd)).await {
         Ok(Ok(req)) => req,
         Ok(Err(why)) => {
@@ -119,15 +137,8 @@ async fn serve(stream: UnixStream, svc: HamService) {
     }
 }
 
-/// Reads the preface and the request frame.
+/// Reads a feed's request frame.
 async fn read_request(rd: &mut ReadHalf<UnixStream>) -> Result<pb::SocketFeedRequest, String> {
-    let mut preface = [0u8; FEED_PREFACE.len()];
-    rd.read_exact(&mut preface)
-        .await
-        .map_err(|e| format!("no preface: {e}"))?;
-    if &preface != FEED_PREFACE {
-        return Err("a wrong preface".into());
-    }
     let mut frames = FramedRead::new(rd, codec());
     match frames.next().await {
         Some(Ok(body)) => pb::SocketFeedRequest::decode(body.freeze())
@@ -144,4 +155,45 @@ async fn open(svc: &HamService, req: pb::SocketFeedRequest) -> Result<EventStrea
         .ok_or_else(|| Status::invalid_argument("the event feed request has no subscription"))?;
     let target = crate::forward::target_node(Some(req.node.as_bytes()), svc.node_name())?;
     svc.events_of(target, subscribe).await
+}
+
+/// Serves one raise stream: its frames are read as the gRPC `RaiseStream`'s messages
+/// are, and its answers written as frames; a frame that breaks the bounds or does not
+/// decode ends the stream with an error, as a bad gRPC message would.
+async fn serve_raises(rd: ReadHalf<UnixStream>, mut wr: WriteHalf<UnixStream>, svc: HamService) {
+    let inbound = FramedRead::new(rd, codec()).map(|frame| {
+        let frame = frame.map_err(|e| Status::invalid_argument(format!("raise stream: {e}")))?;
+        pb::RaiseRequest::decode(frame.freeze())
+            .map_err(|e| Status::invalid_argument(format!("an undecodable raise: {e}")))
+    });
+    let mut answers = svc.serve_raises(inbound);
+    let mut buf = BytesMut::new();
+    while let Some(answer) = answers.next().await {
+        let (item, last) = match answer {
+            Ok(progress) => (pb::raise_answer::Item::Progress(progress), false),
+            Err(status) => (
+                pb::raise_answer::Item::Status(feed::feed_status(&status)),
+                true,
+            ),
+        };
+        put_answer(&mut buf, item);
+        if wr.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+        if last {
+            return;
+        }
+    }
+    // Every raise is handled and the client has ended its side.
+    put_answer(
+        &mut buf,
+        pb::raise_answer::Item::Status(feed::feed_status(&Status::ok(""))),
+    );
+    let _ = wr.write_all(&buf).await;
+}
+
+fn put_answer(buf: &mut BytesMut, item: pb::raise_answer::Item) {
+    let body = pb::RaiseAnswer { item: Some(item) }.encode_to_vec();
+    ham_overlay::frames::put_frame(buf, &body);
 }
