@@ -444,7 +444,7 @@ impl Node {
                         .iter()
                         .map(|(e, h)| (e.0, h.proc.pid, h.proc.start_time, h.pidfd()))
                         .collect();
-                    pair.hand_over(&procs);
+                    pair.hand_over_all(&procs);
                 }
             }
         }
@@ -524,18 +524,21 @@ impl Node {
             }
             self.worked = true;
             let deadline = self.engine.next_deadline();
-            timer.set(match (deadline, self.trim_at) {
-                (Some(d), Some(t)) => Some(d.min(t)),
-                (d, t) => d.or(t),
-            });
+            let hand_over_at = self.pair.as_ref().and_then(Pair::due_ms);
+            timer.set(
+                [deadline, self.trim_at, hand_over_at]
+                    .into_iter()
+                    .flatten()
+                    .min(),
+            );
             tokio::select! {
                 biased;
                 Some(input) = self.inputs_rx.recv() => self.handle_input(input),
                 Some(ev) = self.pair_rx.recv() => self.on_pair_event(ev),
                 exits = self.watcher.exits() => {
                     for (entity, proc, status) in exits {
-                        if let Some(pair) = &self.pair {
-                            pair.hand_back(entity.0);
+                        if let Some(pair) = &mut self.pair {
+                            pair.hand_back(entity.0, now().mono_ms);
                         }
                         self.handle_input(Input::Exited { entity, proc, status });
                     }
@@ -543,6 +546,9 @@ impl Node {
                 _ = timer.expired() => {
                     let at = now();
                     self.worked = false;
+                    if let Some(pair) = self.pair.as_mut().filter(|p| p.due_ms().is_some_and(|d| d <= at.mono_ms)) {
+                        pair.flush();
+                    }
                     if self.trim_at.is_some_and(|t| t <= at.mono_ms) {
                         self.trim_at = None;
                         self.heap.look();
@@ -839,8 +845,8 @@ impl Node {
                         if let Err(e) = self.watcher.add(entity, h.clone()) {
                             tracing::error!("cannot watch pid {}: {e}", proc.pid);
                         }
-                        if let Some(pair) = &self.pair {
-                            pair.hand_over(&[(entity.0, proc.pid, proc.start_time, h.pidfd())]);
+                        if let Some(pair) = &mut self.pair {
+                            pair.hand_over(entity.0, h, now().mono_ms);
                         }
                     }
                     Err(_) => self.immediate.push_back(Input::Exited {
@@ -993,9 +999,9 @@ impl Node {
 
     fn unwatch(&mut self, entity: EntityId) {
         if self.watcher.remove(entity).is_some()
-            && let Some(pair) = &self.pair
+            && let Some(pair) = &mut self.pair
         {
-            pair.hand_back(entity.0);
+            pair.hand_back(entity.0, now().mono_ms);
         }
     }
 

@@ -18,6 +18,23 @@ use tokio::task::AbortHandle;
 /// How long a new Guardian may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long pidfd hand-overs and hand-backs wait before they go to the Guardian, all
+/// together. Sent at once, each woke the Guardian in the middle of a restart: on the
+/// HAM's CPU it preempted the HAM for ~60 µs between the death and the spawn, and its
+/// work then competed with the new process's start (see BENCHMARKS.md). A takeover
+/// within this time loses nothing: the new HAM opens a process it was not handed by
+/// its PID and start time, and drops a handed pidfd whose process the store no longer
+/// names.
+pub const HAND_OVER_AFTER_MS: u64 = 5;
+
+/// A change to the Guardian's copy of the watched pidfds, not sent yet.
+enum Handed {
+    /// An entity's process is watched (replacing any earlier one).
+    Watched(u32, Arc<ProcessHandle>),
+    /// An entity's process is no longer watched.
+    Unwatched(u32),
+}
+
 /// How to start a Guardian: this executable with the node's resolved settings.
 #[derive(Clone, Debug)]
 pub struct GuardianCommand {
@@ -56,6 +73,10 @@ pub struct Pair {
     /// Stopped for good: a Guardian started late is killed.
     stopped: bool,
     events: mpsc::UnboundedSender<PairEvent>,
+    /// Hand-overs and hand-backs not sent yet, oldest first.
+    queued: Vec<Handed>,
+    /// When they are due (monotonic ms).
+    due_ms: Option<u64>,
 }
 
 impl Pair {
@@ -79,6 +100,8 @@ impl Pair {
             launching: false,
             stopped: false,
             events,
+            queued: Vec::new(),
+            due_ms: None,
         })
     }
 
@@ -188,10 +211,62 @@ impl Pair {
         }
     }
 
-    /// Hands watched processes' pidfds to the Guardian. A Guardian that cannot take
-    /// them is broken: it is killed, and its death brings a new one.
-    pub fn hand_over(&self, procs: &[(u32, i32, u64, BorrowedFd<'_>)]) {
-        if let Some(g) = &self.current
+    /// Hands every watched process's pidfd to a Guardian that has just connected, at
+    /// once; what was queued for the Guardian before is part of it, and dropped. A
+    /// Guardian that cannot take them is broken: it is killed, and its death brings a
+    /// new one.
+    pub fn hand_over_all(&mut self, procs: &[(u32, i32, u64, BorrowedFd<'_>)]) {
+        self.queued.clear();
+        self.due_ms = None;
+        self.send_watched(procs);
+    }
+
+    /// Queues a watched process's pidfd for the Guardian (sent by [`Pair::flush`]).
+    pub fn hand_over(&mut self, entity: u32, handle: Arc<ProcessHandle>, now_ms: u64) {
+        self.queue(Handed::Watched(entity, handle), now_ms);
+    }
+
+    /// Queues word for the Guardian that an entity's process is no longer watched.
+    pub fn hand_back(&mut self, entity: u32, now_ms: u64) {
+        self.queue(Handed::Unwatched(entity), now_ms);
+    }
+
+    fn queue(&mut self, change: Handed, now_ms: u64) {
+        // With no Guardian connected there is nobody to tell: the next one gets the
+        // whole set when it connects.
+        if self.current.as_ref().is_some_and(|g| g.end.is_some()) {
+            self.queued.push(change);
+            self.due_ms.get_or_insert(now_ms + HAND_OVER_AFTER_MS);
+        }
+    }
+
+    /// When the queued hand-overs are due (monotonic ms), if any are queued.
+    pub fn due_ms(&self) -> Option<u64> {
+        self.due_ms
+    }
+
+    /// Sends what is queued, in order: consecutive hand-overs in one message.
+    pub fn flush(&mut self) {
+        self.due_ms = None;
+        let queued = std::mem::take(&mut self.queued);
+        let mut watched: Vec<(u32, i32, u64, BorrowedFd<'_>)> = Vec::new();
+        for change in &queued {
+            match change {
+                Handed::Watched(entity, h) => {
+                    watched.push((*entity, h.proc.pid, h.proc.start_time, h.pidfd()));
+                }
+                Handed::Unwatched(entity) => {
+                    self.send_watched(&std::mem::take(&mut watched));
+                    self.send_unwatched(*entity);
+                }
+            }
+        }
+        self.send_watched(&watched);
+    }
+
+    fn send_watched(&self, procs: &[(u32, i32, u64, BorrowedFd<'_>)]) {
+        if !procs.is_empty()
+            && let Some(g) = &self.current
             && let Some(end) = &g.end
             && let Err(e) = end.send_watched(procs)
         {
@@ -200,8 +275,7 @@ impl Pair {
         }
     }
 
-    /// Tells the Guardian an entity's process is no longer watched.
-    pub fn hand_back(&self, entity: u32) {
+    fn send_unwatched(&self, entity: u32) {
         if let Some(g) = &self.current
             && let Some(end) = &g.end
             && let Err(e) = end.send_unwatched(entity)
@@ -219,6 +293,9 @@ impl Pair {
             .is_some_and(|g| g.handle.proc.pid == pid)
         {
             self.current = None;
+            // The next Guardian gets the whole set when it connects.
+            self.queued.clear();
+            self.due_ms = None;
             true
         } else {
             false
