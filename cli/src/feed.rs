@@ -5,9 +5,9 @@
 //! A feed that ends on its own ends with a status of code 0; a connection that just
 //! closes is a break, which a following subscription resumes after.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
-use ham_proto::socket::{FEED_MAX_FRAME, FEED_PREFACE, UnixStream};
+use ham_proto::socket::{FEED_PREFACE, UnixStream, frame_codec, put_frame};
 use ham_proto::{self as pb, Message, feed_frame::Item};
 use std::path::Path;
 use std::pin::Pin;
@@ -44,25 +44,19 @@ pub(crate) async fn open(
             _ => OpenError::Status(broken(&e)),
         })?;
     let (rd, mut wr) = tokio::io::split(stream);
-    let body = pb::SocketFeedRequest {
+    let mut out = BytesMut::from(&FEED_PREFACE[..]);
+    let request = pb::SocketFeedRequest {
         node: node.to_string(),
         subscribe: Some(req),
-    }
-    .encode_to_vec();
-    let mut out = BytesMut::with_capacity(FEED_PREFACE.len() + 4 + body.len());
-    out.put_slice(FEED_PREFACE);
-    out.put_u32(body.len() as u32);
-    out.put_slice(&body);
+    };
+    put_frame(&mut out, &request);
     wr.write_all(&out)
         .await
         .map_err(|e| OpenError::Status(broken(&e)))?;
-    let codec = LengthDelimitedCodec::builder()
-        .max_frame_length(FEED_MAX_FRAME)
-        .new_codec();
-    let mut frames = FramedRead::new(rd, codec);
+    let mut frames = FramedRead::new(rd, frame_codec());
     match next_item(&mut frames).await.map_err(OpenError::Status)? {
         Some(Item::Status(s)) if s.code == Code::Ok as i32 => {}
-        Some(Item::Status(s)) => return Err(OpenError::Status(status_of(s))),
+        Some(Item::Status(s)) => return Err(OpenError::Status(Status::from(s))),
         Some(Item::Event(_)) => {
             return Err(OpenError::Status(Status::internal(
                 "hamd broke the event feed protocol: an event came before its answer",
@@ -81,7 +75,7 @@ pub(crate) async fn open(
         match next_item(&mut frames).await {
             Ok(Some(Item::Event(e))) => Some((Ok(e), Some((frames, wr)))),
             Ok(Some(Item::Status(s))) if s.code == Code::Ok as i32 => None,
-            Ok(Some(Item::Status(s))) => Some((Err(status_of(s)), None)),
+            Ok(Some(Item::Status(s))) => Some((Err(Status::from(s)), None)),
             Ok(None) => Some((
                 Err(Status::unavailable("the event feed from hamd broke")),
                 None,
@@ -114,8 +108,4 @@ async fn next_item(frames: &mut Frames) -> Result<Option<Item>, Status> {
 
 fn broken(e: &std::io::Error) -> Status {
     Status::unavailable(format!("the event feed connection broke: {e}"))
-}
-
-fn status_of(s: pb::FeedStatus) -> Status {
-    Status::new(Code::from(s.code), s.message)
 }

@@ -8,9 +8,9 @@
 //! (`set_target`) they go as the gRPC `RaiseStream`, which the local `hamd` forwards.
 
 use crate::ClientError;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
-use ham_proto::socket::{FEED_MAX_FRAME, RAISE_PREFACE, UnixStream};
+use ham_proto::socket::{MAX_FRAME, RAISE_PREFACE, UnixStream, frame_codec, put_frame};
 use ham_proto::{self as pb, Message, raise_answer::Item};
 use std::path::Path;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use std::task::Poll;
 use tokio::io::{AsyncWriteExt, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 use tonic::{Code, Status};
 
 /// `hamd`'s answers: cumulative progress, then at most one error.
@@ -61,10 +61,7 @@ impl RaiseStream {
         wr.write_all(RAISE_PREFACE).await?;
         let (tx, rx) = RaiseStream::channel();
         tokio::spawn(write_raises(rx, wr));
-        let codec = LengthDelimitedCodec::builder()
-            .max_frame_length(FEED_MAX_FRAME)
-            .new_codec();
-        let answers = FramedRead::new(rd, codec);
+        let answers = FramedRead::new(rd, frame_codec());
         let progress = futures_util::stream::unfold(Some(answers), |answers| async move {
             let mut answers = answers?;
             let item = match answers.next().await {
@@ -87,7 +84,7 @@ impl RaiseStream {
             match item {
                 Item::Progress(p) => Some((Ok(p), Some(answers))),
                 Item::Status(s) if s.code == Code::Ok as i32 => None,
-                Item::Status(s) => Some((Err(Status::new(Code::from(s.code), s.message)), None)),
+                Item::Status(s) => Some((Err(Status::from(s)), None)),
             }
         });
         Ok(RaiseStream::with(tx, Box::pin(progress)))
@@ -113,9 +110,9 @@ impl RaiseStream {
     ) -> Result<(), ClientError> {
         self.take_progress()?;
         let r = crate::raise_request(name, severity, message);
-        if r.encoded_len() + 16 > FEED_MAX_FRAME {
+        if r.encoded_len() + 16 > MAX_FRAME {
             return Err(ClientError::Status(Status::invalid_argument(format!(
-                "a raise is at most {FEED_MAX_FRAME} bytes"
+                "a raise is at most {MAX_FRAME} bytes"
             ))));
         }
         let sent = match &self.tx {
@@ -194,10 +191,10 @@ impl RaiseStream {
 async fn write_raises(mut rx: mpsc::Receiver<pb::RaiseRequest>, mut wr: WriteHalf<UnixStream>) {
     let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
-        put_raise(&mut buf, &first);
-        while buf.len() < FEED_MAX_FRAME {
+        put_frame(&mut buf, &first);
+        while buf.len() < MAX_FRAME {
             match rx.try_recv() {
-                Ok(r) => put_raise(&mut buf, &r),
+                Ok(r) => put_frame(&mut buf, &r),
                 Err(_) => break,
             }
         }
@@ -208,10 +205,4 @@ async fn write_raises(mut rx: mpsc::Receiver<pb::RaiseRequest>, mut wr: WriteHal
         buf.clear();
     }
     let _ = wr.shutdown().await;
-}
-
-fn put_raise(buf: &mut BytesMut, r: &pb::RaiseRequest) {
-    buf.put_u32(r.encoded_len() as u32);
-    // A `BytesMut` grows as needed: encoding into it cannot fail.
-    let _ = r.encode(buf);
 }

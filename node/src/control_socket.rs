@@ -17,7 +17,7 @@
 //! A connection is told apart by its first byte, peeked (HTTP/2's preface begins with
 //! `P`, the framed ones with `H`). Bounds: the first byte within
 //! [`FIRST_BYTE_TIMEOUT`], the preface and a feed's request within
-//! [`feed::REQUEST_TIMEOUT`], frames of at most [`FEED_MAX_FRAME`] bytes; a client that
+//! [`feed::REQUEST_TIMEOUT`], frames of at most [`ham_proto::socket::MAX_FRAME`] bytes; a client that
 //! breaks them is dropped, and a feed's client that writes after its request is done
 //! with.
 
@@ -25,7 +25,7 @@ use crate::feed;
 use crate::service::{EventStream, HamService};
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use ham_proto::socket::{FEED_MAX_FRAME, FEED_PREFACE, RAISE_PREFACE, UnixStream};
+use ham_proto::socket::{FEED_PREFACE, RAISE_PREFACE, UnixStream, frame_codec};
 use ham_proto::{self as pb, Message};
 use std::io;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+use tokio_util::codec::FramedRead;
 use tonic::Status;
 
 /// How long a new connection may stay silent before it is dropped.
@@ -75,13 +75,6 @@ async fn route(stream: UnixStream, grpc: mpsc::Sender<io::Result<UnixStream>>, s
         // Closed, broken, or silent: nothing to serve.
         _ => {}
     }
-}
-
-/// The codec of a feed's frames: a big-endian `u32` length, then the bytes.
-pub fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(FEED_MAX_FRAME)
-        .new_codec()
 }
 
 /// Serves a framed connection, by its preface.
@@ -139,7 +132,7 @@ async fn serve_feed(mut rd: ReadHalf<UnixStream>, mut wr: WriteHalf<UnixStream>,
 
 /// Reads a feed's request frame.
 async fn read_request(rd: &mut ReadHalf<UnixStream>) -> Result<pb::SocketFeedRequest, String> {
-    let mut frames = FramedRead::new(rd, codec());
+    let mut frames = FramedRead::new(rd, frame_codec());
     match frames.next().await {
         Some(Ok(body)) => pb::SocketFeedRequest::decode(body.freeze())
             .map_err(|e| format!("an undecodable request: {e}")),
@@ -161,7 +154,7 @@ async fn open(svc: &HamService, req: pb::SocketFeedRequest) -> Result<EventStrea
 /// are, and its answers written as frames; a frame that breaks the bounds or does not
 /// decode ends the stream with an error, as a bad gRPC message would.
 async fn serve_raises(rd: ReadHalf<UnixStream>, mut wr: WriteHalf<UnixStream>, svc: HamService) {
-    let inbound = FramedRead::new(rd, codec()).map(|frame| {
+    let inbound = FramedRead::new(rd, frame_codec()).map(|frame| {
         let frame = frame.map_err(|e| Status::invalid_argument(format!("raise stream: {e}")))?;
         pb::RaiseRequest::decode(frame.freeze())
             .map_err(|e| Status::invalid_argument(format!("an undecodable raise: {e}")))
@@ -172,7 +165,7 @@ async fn serve_raises(rd: ReadHalf<UnixStream>, mut wr: WriteHalf<UnixStream>, s
         let (item, last) = match answer {
             Ok(progress) => (pb::raise_answer::Item::Progress(progress), false),
             Err(status) => (
-                pb::raise_answer::Item::Status(feed::feed_status(&status)),
+                pb::raise_answer::Item::Status(pb::FeedStatus::from(&status)),
                 true,
             ),
         };
@@ -188,12 +181,11 @@ async fn serve_raises(rd: ReadHalf<UnixStream>, mut wr: WriteHalf<UnixStream>, s
     // Every raise is handled and the client has ended its side.
     put_answer(
         &mut buf,
-        pb::raise_answer::Item::Status(feed::feed_status(&Status::ok(""))),
+        pb::raise_answer::Item::Status(pb::FeedStatus::from(&Status::ok(""))),
     );
     let _ = wr.write_all(&buf).await;
 }
 
 fn put_answer(buf: &mut BytesMut, item: pb::raise_answer::Item) {
-    let body = pb::RaiseAnswer { item: Some(item) }.encode_to_vec();
-    ham_overlay::frames::put_frame(buf, &body);
+    ham_proto::socket::put_frame(buf, &pb::RaiseAnswer { item: Some(item) });
 }

@@ -103,9 +103,9 @@ pub(crate) async fn next_batch(events: &mut EventStream, buf: &mut BytesMut) -> 
 /// Appends an item of the event stream as a frame; false once the stream is over.
 fn put_item(buf: &mut BytesMut, item: Option<Result<pb::Event, Status>>) -> bool {
     let frame = match item {
-        None => pb::feed_frame::Item::Status(feed_status(&Status::ok(""))),
+        None => pb::feed_frame::Item::Status(pb::FeedStatus::from(&Status::ok(""))),
         Some(Ok(event)) => pb::feed_frame::Item::Event(event),
-        Some(Err(status)) => pb::feed_frame::Item::Status(feed_status(&status)),
+        Some(Err(status)) => pb::feed_frame::Item::Status(pb::FeedStatus::from(&status)),
     };
     let more = matches!(frame, pb::feed_frame::Item::Event(_));
     let frame = pb::FeedFrame { item: Some(frame) };
@@ -116,18 +116,10 @@ fn put_item(buf: &mut BytesMut, item: Option<Result<pb::Event, Status>>) -> bool
     more
 }
 
-/// A status as a feed carries it.
-pub(crate) fn feed_status(status: &Status) -> pb::FeedStatus {
-    pb::FeedStatus {
-        code: status.code() as i32,
-        message: status.message().to_string(),
-    }
-}
-
 /// A status alone, as one frame: a feed's answer to its request.
 pub(crate) fn status_frame(status: &Status) -> Bytes {
     let frame = pb::FeedFrame {
-        item: Some(pb::feed_frame::Item::Status(feed_status(status))),
+        item: Some(pb::feed_frame::Item::Status(pb::FeedStatus::from(status))),
     };
     let mut buf = BytesMut::new();
     put_frame(&mut buf, &frame.encode_to_vec());
@@ -160,7 +152,7 @@ pub async fn follow(
         })?;
     match answer? {
         Some(pb::feed_frame::Item::Status(s)) if s.code == Code::Ok as i32 => {}
-        Some(pb::feed_frame::Item::Status(s)) => return Err(into_status(s)),
+        Some(pb::feed_frame::Item::Status(s)) => return Err(Status::from(s)),
         Some(pb::feed_frame::Item::Event(_)) => {
             recv.cut_off("an event feed began with an event, not a status");
             return Err(Status::unavailable(format!(
@@ -174,7 +166,7 @@ pub async fn follow(
         match read_item(&mut recv).await {
             Ok(Some(pb::feed_frame::Item::Event(e))) => Some((Ok(e), Some(recv))),
             Ok(Some(pb::feed_frame::Item::Status(s))) if s.code == Code::Ok as i32 => None,
-            Ok(Some(pb::feed_frame::Item::Status(s))) => Some((Err(into_status(s)), None)),
+            Ok(Some(pb::feed_frame::Item::Status(s))) => Some((Err(Status::from(s)), None)),
             Ok(None) => None,
             Err(status) => Some((Err(status), None)),
         }
@@ -205,9 +197,4 @@ async fn read_item(recv: &mut FrameReceiver) -> Result<Option<pb::feed_frame::It
             recv.peer()
         ))),
     }
-}
-
-/// A status received on a feed, as the caller's status (an unknown code is `Unknown`).
-fn into_status(s: pb::FeedStatus) -> Status {
-    Status::new(Code::from_i32(s.code), s.message)
 }

@@ -17,6 +17,24 @@ pub use prost::Message;
 
 pub mod socket;
 
+/// A status carried in a frame (event feeds, raise streams) as the caller's status; a
+/// code it does not know is `Unknown`.
+impl From<FeedStatus> for tonic::Status {
+    fn from(s: FeedStatus) -> tonic::Status {
+        tonic::Status::new(tonic::Code::from_i32(s.code), s.message)
+    }
+}
+
+/// A status as a frame carries it.
+impl From<&tonic::Status> for FeedStatus {
+    fn from(s: &tonic::Status) -> FeedStatus {
+        FeedStatus {
+            code: s.code() as i32,
+            message: s.message().to_string(),
+        }
+    }
+}
+
 /// Default locations shared by `hamd` and its clients.
 pub mod defaults {
     use std::os::unix::fs::MetadataExt;

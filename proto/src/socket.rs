@@ -25,9 +25,27 @@ pub const FEED_PREFACE: &[u8; 8] = b"HAMFEED1";
 /// (see `RaiseAnswer` in `ham.proto`).
 pub const RAISE_PREFACE: &[u8; 8] = b"HAMRAIS1";
 
-/// Largest frame on the control socket's framed connections, either way (events and
-/// raises are far smaller: details and messages are cut to 320 bytes).
-pub const FEED_MAX_FRAME: usize = 64 * 1024;
+/// Largest frame on the control socket's framed connections, either way (events are
+/// far smaller: their details are cut to 320 bytes).
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// The codec of the framed connections, both ends: a big-endian `u32` length, then
+/// that many bytes, at most [`MAX_FRAME`] (a longer frame is an error).
+pub fn frame_codec() -> tokio_util::codec::LengthDelimitedCodec {
+    tokio_util::codec::LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Appends `msg` to `buf` as one frame of [`frame_codec`].
+pub fn put_frame(buf: &mut bytes::BytesMut, msg: &impl prost::Message) {
+    use bytes::BufMut;
+    let len = msg.encoded_len();
+    buf.reserve(4 + len);
+    buf.put_u32(len as u32);
+    // The room was reserved: encoding cannot fail.
+    let _ = msg.encode(buf);
+}
 
 /// A connected Unix stream socket (see the module docs).
 pub struct UnixStream {
