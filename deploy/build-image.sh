@@ -41,7 +41,7 @@ command -v docker >/dev/null || fail "docker is not on PATH"
 docker info >/dev/null 2>&1 || fail "no Docker engine is reachable (docker info failed)"
 
 echo "build-image: static hamd and ham (cargo, target/static)"
-RUSTFLAGS="-C target-feature=+crt-static" step "cargo build" \
+RUSTFLAGS="-C target-feature=+crt-static -C symbol-mangling-version=v0" step "cargo build" \
   cargo build --release --locked --target "$triple" --target-dir "$out" -p ham-node -p ham --bins
 
 echo "build-image: init, sleeper, kill (rustc, std only)"

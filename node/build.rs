@@ -1,8 +1,67 @@
 //! Lays out first, in `hot-code.order`'s order, the functions a running hamd executes
-//! once up (made by `scripts/hot-code`). The kernel maps 64 KiB of page cache around
-//! every code fault, so this sets how much of the executable an idle or restarting
-//! HAM keeps resident. Only for lld, the linker of x86_64-unknown-linux-gnu since
-//! Rust 1.90; a function the file names that is gone is skipped.
+//! once up (the list is made by `scripts/hot-code`). The kernel maps 64 KiB of page
+//! cache around every code fault, so this sets how much of the executable an idle or
+//! restarting HAM keeps resident.
+//!
+//! The list names functions by their symbols, whose hashes change with every change to
+//! a crate's metadata, even with which packages a `cargo build` selects (features are
+//! unified over them). So each name becomes a pattern without its hashes, matched
+//! against the function's section (`.text.SYMBOL`, or `.text.unlikely.SYMBOL` for a
+//! cold one: Rust puts each function in its own), in a linker script that lld
+//! inserts before `.text` as the output section `.text.hot`. A function that is gone
+//! matches nothing. Only for lld, the linker of x86_64-unknown-linux-gnu since Rust 1.90.
+
+use std::fmt::Write as _;
+
+/// The section pattern of a symbol: its v0 crate disambiguators (`Cs…_`) and
+/// back-references (`B…_`, offsets that move with them) left open, and its end (a
+/// `.llvm.N` suffix comes and goes with how code is split into units); for a legacy
+/// symbol (`_ZN…17h…E`) its hash.
+fn pattern(symbol: &str) -> String {
+    let symbol = symbol.split(".llvm.").next().unwrap_or(symbol);
+    if symbol.starts_with("_ZN")
+        && let Some(at) = symbol.rfind("17h")
+        && symbol.len() - at == 3 + 16 + 1
+    {
+        return format!("{}17h*", &symbol[..at]);
+    }
+    if !symbol.starts_with("_R") {
+        return symbol.to_owned();
+    }
+    open_v0_hashes(symbol) + "*"
+}
+
+/// `symbol` with every `Cs<base62>_` and `B<base62>_` as `Cs*_` and `B*_` (an
+/// identifier that happens to hold such letters only makes the pattern looser).
+fn open_v0_hashes(symbol: &str) -> String {
+    let bytes = symbol.as_bytes();
+    let mut out = String::with_capacity(symbol.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let tag = if bytes[i..].starts_with(b"Cs") {
+            2
+        } else if bytes[i] == b'B' {
+            1
+        } else {
+            0
+        };
+        if tag > 0 {
+            let digits = bytes[i + tag..]
+                .iter()
+                .take_while(|b| b.is_ascii_alphanumeric())
+                .count();
+            if bytes.get(i + tag + digits) == Some(&b'_') {
+                out.push_str(&symbol[i..i + tag]);
+                out.push_str("*_");
+                i += tag + digits + 1;
+                continue;
+            }
+        }
+        out.push(char::from(bytes[i]));
+        i += 1;
+    }
+    out
+}
 
 fn main() {
     let order = "hot-code.order";
@@ -12,7 +71,25 @@ fn main() {
     if !lld_by_default || std::env::var_os("HAM_NO_CODE_ORDER").is_some() {
         return;
     }
-    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    println!("cargo:rustc-link-arg-bin=hamd=-Wl,--symbol-ordering-file={dir}/{order}");
-    println!("cargo:rustc-link-arg-bin=hamd=-Wl,--no-warn-symbol-ordering");
+    let list = std::fs::read_to_string(order).expect("node/hot-code.order is readable");
+    let mut script = String::from(
+        "/* Made by node/build.rs from hot-code.order. */\nSECTIONS {\n  .text.hot : {\n",
+    );
+    let mut seen = std::collections::HashSet::new();
+    for symbol in list.lines().map(str::trim) {
+        if symbol.is_empty() || symbol.starts_with('#') {
+            continue;
+        }
+        let p = pattern(symbol);
+        if seen.insert(p.clone()) {
+            // A cold function (`#[cold]`: a vector's growth…) has its section
+            // under `.text.unlikely.`.
+            let _ = writeln!(script, "    *(.text.{p} .text.unlikely.{p})");
+        }
+    }
+    script.push_str("  }\n}\nINSERT BEFORE .text;\n");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("hot-code.ld");
+    std::fs::write(&out, script).expect("OUT_DIR is writable");
+    println!("cargo:rustc-link-arg-bin=hamd=-Wl,-T,{}", out.display());
 }
