@@ -26,6 +26,9 @@ const IMMEDIATE_KEPT: usize = 64;
 /// While the node works, it looks this often at the heap it holds free (see
 /// `heap::HeapTrim`); an idle node does not look.
 const TRIM_AFTER_MS: u64 = 1_000;
+/// Live events a subscriber may fall behind by before it gets a gap (and the rest
+/// from the replay buffer, as it would after a reconnection).
+const LIVE_EVENTS: usize = 4096;
 
 /// A message to the node loop from the API.
 pub enum Msg {
@@ -216,7 +219,10 @@ pub struct Node {
     worked: bool,
     /// Gives the free heap back after bursts.
     heap: crate::heap::HeapTrim,
-    events_tx: broadcast::Sender<Arc<Event>>,
+    /// Live events to subscribers: made for the first subscriber, dropped once the last
+    /// has gone, so that a node nobody follows keeps no ring of [`LIVE_EVENTS`] slots
+    /// (128 KiB, most of an idle HAM's heap).
+    events_tx: Option<broadcast::Sender<Arc<Event>>>,
     recent: VecDeque<Arc<Event>>,
     /// Events found in the store at start, older than `recent`, still encoded.
     undecoded: Vec<(u64, Vec<u8>)>,
@@ -322,7 +328,6 @@ impl Node {
         // a takeover must not wait for thousands of them.
         let undecoded = recovered.events;
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
-        let (events_tx, _) = broadcast::channel(4096);
         let (pair_tx, pair_rx) = mpsc::unbounded_channel();
         let adopted = engine.len();
         Ok(Opened {
@@ -339,7 +344,7 @@ impl Node {
                 trim_at: None,
                 worked: true,
                 heap: Default::default(),
-                events_tx,
+                events_tx: None,
                 recent,
                 undecoded,
                 recent_cap,
@@ -700,7 +705,10 @@ impl Node {
 
     fn subscribe(&mut self, from_seq: u64) -> Subscription {
         self.decode_backlog();
-        let live = self.events_tx.subscribe();
+        let live = self
+            .events_tx
+            .get_or_insert_with(|| broadcast::channel(LIVE_EVENTS).0)
+            .subscribe();
         if from_seq == 0 {
             return Subscription {
                 backlog: Vec::new(),
@@ -769,7 +777,12 @@ impl Node {
             self.recent.pop_front();
         }
         self.recent.push_back(e.clone());
-        let _ = self.events_tx.send(e);
+        if let Some(tx) = &self.events_tx
+            && tx.send(e).is_err()
+        {
+            tracing::debug!("no subscriber left: the live-event channel is dropped");
+            self.events_tx = None;
+        }
     }
 
     fn execute(&mut self, c: Command) {

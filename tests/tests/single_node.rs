@@ -706,6 +706,46 @@ fn the_socket_event_feed_gives_what_grpc_subscribe_gives_and_ends_cleanly() {
     assert_eq!(feed, grpc);
 }
 
+/// The live-event channel is made for the first subscriber and dropped after the last
+/// has gone: a subscriber after that gets live events on a new one.
+#[test]
+fn live_events_reach_a_subscriber_that_comes_after_the_last_one_left() {
+    let node = TestNode::start("relive");
+    node.ham(&["entity", "global", "sensor"]);
+    let follow = ham::ham_proto::SubscribeRequest {
+        follow: true,
+        ..Default::default()
+    };
+    let rt = ham_tests::runtime();
+    rt.block_on(async {
+        use tokio_stream::StreamExt;
+        let mut c = ham::Client::connect(&node.socket).await.expect("connects");
+        for round in 0..3 {
+            let mut feed = c.feed(follow.clone()).await.expect("opens a feed");
+            let detail = format!("round {round}");
+            c.raise("sensor", 1, &detail).await.expect("raises");
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                loop {
+                    let e = feed.next().await.expect("the feed stays open");
+                    let e = e.expect("no error on the feed");
+                    if e.kind == "raise" {
+                        break e;
+                    }
+                }
+            })
+            .await
+            .expect("the raise arrives live");
+            assert!(got.detail.contains(&detail), "{got:?}");
+            drop(feed);
+            // The first event shows the feed's task that its subscriber has gone; the
+            // second finds nobody left to follow, and the node drops the channel.
+            c.raise("sensor", 1, "unheard").await.expect("raises");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            c.raise("sensor", 1, "unheard").await.expect("raises");
+        }
+    });
+}
+
 #[test]
 fn broken_event_feeds_on_the_control_socket_are_dropped_and_hamd_carries_on() {
     use ham::ham_proto::{self as pb, Message};
