@@ -589,6 +589,7 @@ impl Client {
             nodes: s.nodes.clone(),
             topic: s.topic.clone(),
             resume: resume.clone(),
+            seen_time_ms: 0,
         };
         self.feed(req).await
     }

@@ -18,6 +18,14 @@ use tonic::Status;
 
 type Events = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
+/// The last event a subscriber got from a node: its number, and its time, which tells
+/// it from another event under the same number after the node's numbers started over.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    seq: u64,
+    time_ms: u64,
+}
+
 /// How often the set of nodes is checked for newcomers.
 const RESCAN: Duration = Duration::from_millis(250);
 
@@ -44,11 +52,17 @@ pub fn cluster_stream(local: HamService, mesh: Option<Mesh>, req: pb::SubscribeR
     if let Some(mesh) = mesh {
         let tx = tx.clone();
         tokio::spawn(async move {
-            let last: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(
+            let last: Arc<Mutex<HashMap<String, Seen>>> = Arc::new(Mutex::new(
                 req.resume
                     .iter()
                     .filter(|(n, s)| **n != me && **s > 0)
-                    .map(|(n, s)| (n.clone(), s - 1))
+                    .map(|(n, s)| {
+                        let seen = Seen {
+                            seq: s - 1,
+                            time_ms: 0,
+                        };
+                        (n.clone(), seen)
+                    })
                     .collect(),
             ));
             let active: Arc<Mutex<HashSet<NodeName>>> = Arc::default();
@@ -94,7 +108,7 @@ async fn follow_node(
     node: &NodeName,
     req: pb::SubscribeRequest,
     tx: &mpsc::Sender<Result<pb::Event, Status>>,
-    last: &Mutex<HashMap<String, u64>>,
+    last: &Mutex<HashMap<String, Seen>>,
 ) {
     loop {
         let seen = last
@@ -105,7 +119,10 @@ async fn follow_node(
         let mut r = req.clone();
         r.nodes = String::new();
         r.resume.clear();
-        r.from_seq = seen.map_or(req.from_seq, |s| s + 1);
+        r.from_seq = seen.map_or(req.from_seq, |s| s.seq + 1);
+        // Lets a node that restarted with a new store, and has numbered past it
+        // since, tell that the event under that number is another one.
+        r.seen_time_ms = seen.map_or(0, |s| s.time_ms);
         if let Ok(events) = crate::feed::follow(mesh, node, r).await {
             pump(events, tx, Some((node.as_str(), last))).await;
         }
@@ -120,7 +137,7 @@ async fn follow_node(
 async fn pump(
     mut events: impl Stream<Item = Result<pb::Event, Status>> + Unpin,
     tx: &mpsc::Sender<Result<pb::Event, Status>>,
-    track: Option<(&str, &Mutex<HashMap<String, u64>>)>,
+    track: Option<(&str, &Mutex<HashMap<String, Seen>>)>,
 ) {
     while let Some(item) = events.next().await {
         let Ok(e) = item else {
@@ -129,9 +146,13 @@ async fn pump(
         if let Some((node, last)) = track
             && e.kind != "gap"
         {
+            let seen = Seen {
+                seq: e.seq,
+                time_ms: e.time_ms,
+            };
             last.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(node.to_string(), e.seq);
+                .insert(node.to_string(), seen);
         }
         if tx.send(Ok(e)).await.is_err() {
             return;

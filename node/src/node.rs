@@ -64,6 +64,8 @@ pub enum Msg {
     Subscribe {
         /// Replay from this sequence number (0 = only new events).
         from_seq: u64,
+        /// The time of event `from_seq - 1` as the subscriber saw it (0 = unknown).
+        seen_time_ms: u64,
         /// Where the subscription goes.
         reply: oneshot::Sender<Subscription>,
     },
@@ -629,8 +631,12 @@ impl Node {
                     .zip(self.engine.entity(&name).map(|r| r.spec.clone()));
                 let _ = reply.send(found);
             }
-            Msg::Subscribe { from_seq, reply } => {
-                let _ = reply.send(self.subscribe(from_seq));
+            Msg::Subscribe {
+                from_seq,
+                seen_time_ms,
+                reply,
+            } => {
+                let _ = reply.send(self.subscribe(from_seq, seen_time_ms));
             }
             Msg::Singletons { reply } => {
                 let _ = reply.send(ham_core::singleton::singletons(
@@ -703,7 +709,7 @@ impl Node {
         self.recent = all;
     }
 
-    fn subscribe(&mut self, from_seq: u64) -> Subscription {
+    fn subscribe(&mut self, from_seq: u64, seen_time_ms: u64) -> Subscription {
         self.decode_backlog();
         let live = self
             .events_tx
@@ -718,7 +724,15 @@ impl Node {
             };
         }
         let next = self.engine.next_event_seq().0;
-        let renumbered = (from_seq > next).then_some(from_seq);
+        // Numbers started over since the subscriber's last event if they are now
+        // behind it, or if the event it saw last is not the one held under its number.
+        let seen_elsewhere = seen_time_ms != 0
+            && self
+                .recent
+                .iter()
+                .find(|e| e.seq.0 + 1 == from_seq)
+                .is_some_and(|e| e.time_ms != seen_time_ms);
+        let renumbered = (from_seq > next || seen_elsewhere).then_some(from_seq);
         let from_seq = if renumbered.is_some() { 1 } else { from_seq };
         let oldest = self.recent.front().map_or(next, |e| e.seq.0);
         let gap = (from_seq < oldest).then(|| (from_seq, oldest - 1));

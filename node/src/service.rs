@@ -86,6 +86,7 @@ impl HamService {
         let sub = self
             .ask(|reply| Msg::Subscribe {
                 from_seq: r.from_seq,
+                seen_time_ms: r.seen_time_ms,
                 reply,
             })
             .await?;
