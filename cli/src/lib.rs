@@ -500,12 +500,16 @@ impl Client {
             // Pin "from now on" to a sequence number so that a resume knows where it was.
             from = self.status().await?.next_event_seq;
         }
-        let first = self.open_events(&s, from, &HashMap::new()).await?;
+        let first = self.open_events(&s, from, 0, &HashMap::new()).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut client = self.clone();
         tokio::spawn(async move {
             let mut stream = first;
             let mut next = from;
+            // The time of the event before `next`, as delivered (0: none yet): lets a
+            // hamd restarted with a new store, numbered past `next` since, tell that
+            // its events are other ones and replay them from 1.
+            let mut seen_time_ms = 0;
             // Per publishing node, for a cluster-wide subscription.
             let mut resume: HashMap<String, u64> = HashMap::new();
             loop {
@@ -517,6 +521,7 @@ impl Client {
                             if e.seq > 0 {
                                 if !all {
                                     next = e.seq + 1;
+                                    seen_time_ms = e.time_ms;
                                 }
                                 resume.insert(e.node.clone(), e.seq + 1);
                             }
@@ -535,7 +540,7 @@ impl Client {
                     return;
                 }
                 // The stream broke (or ended): hamd is changing hands. Resume.
-                stream = match client.reopen_events(&s, next, &resume).await {
+                stream = match client.reopen_events(&s, next, seen_time_ms, &resume).await {
                     Ok(st) => st,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -579,6 +584,7 @@ impl Client {
         &mut self,
         s: &Subscription,
         from_seq: u64,
+        seen_time_ms: u64,
         resume: &HashMap<String, u64>,
     ) -> Result<EventFeed, ClientError> {
         let req = pb::SubscribeRequest {
@@ -589,7 +595,7 @@ impl Client {
             nodes: s.nodes.clone(),
             topic: s.topic.clone(),
             resume: resume.clone(),
-            seen_time_ms: 0,
+            seen_time_ms,
         };
         self.feed(req).await
     }
@@ -598,11 +604,12 @@ impl Client {
         &mut self,
         s: &Subscription,
         from_seq: u64,
+        seen_time_ms: u64,
         resume: &HashMap<String, u64>,
     ) -> Result<EventFeed, ClientError> {
         let deadline = Instant::now() + self.retry_for;
         loop {
-            match self.open_events(s, from_seq, resume).await {
+            match self.open_events(s, from_seq, seen_time_ms, resume).await {
                 Ok(st) => return Ok(st),
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

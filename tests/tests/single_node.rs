@@ -746,6 +746,71 @@ fn live_events_reach_a_subscriber_that_comes_after_the_last_one_left() {
     });
 }
 
+/// A following subscription outlives a hamd restarted with a new store (numbers
+/// start over at 1) even when the new hamd has numbered past the subscriber's last
+/// event before it reconnects: the client resumes with that event's time too, and
+/// gets the new store's first events rather than only those numbered after it.
+#[test]
+fn a_subscription_gets_the_first_events_of_a_hamd_restarted_with_a_new_store() {
+    use tokio_stream::StreamExt;
+    let g = "[[entity]]\nname = \"g\"\nglobal = true\n";
+    let mut node = TestNode::start_with_config("renew", g);
+    let rt = ham_tests::runtime();
+    let mut events = rt.block_on(async {
+        let mut c = ham::Client::connect(&node.socket).await.expect("connects");
+        c.subscribe(ham::Subscription {
+            kinds: vec!["started".into()],
+            follow: true,
+            ..ham::Subscription::default()
+        })
+        .await
+        .expect("subscribes")
+    });
+    let mut next_start = |what: &str| {
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(15), events.next())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no event within 15 s"))
+                .expect("stream open")
+                .expect("an event")
+        })
+    };
+    // The first store: events the subscriber does not want, then a start (about 13).
+    for i in 0..10 {
+        node.ham(&["raise", "g", &format!("r{i}")]);
+    }
+    node.ham(&["entity", "add", "w", "--", "/bin/sleep", "1000"]);
+    assert_eq!(next_start("the first start").entity, "w");
+    // A new store with ten entities: their starts are numbered from about 13 on, and
+    // hamd is past 30 once it answers.
+    node.ham(&["stop", "--kill-entities"]);
+    node.wait_exit();
+    let _ = std::fs::remove_file(&node.state);
+    let _ = std::fs::remove_file(node.state.with_extension("beats"));
+    let mut config = g.to_string();
+    for i in 0..10 {
+        config.push_str(&format!(
+            "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
+        ));
+    }
+    std::fs::write(node.config.as_ref().expect("a config"), config).expect("config");
+    node.launch().expect("hamd starts again");
+    let mut started: Vec<String> = Vec::new();
+    while started.len() < 10 {
+        let e = next_start("the new store's starts");
+        if e.kind == "started" {
+            started.push(e.entity);
+        }
+    }
+    started.sort();
+    let mut expected: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        started, expected,
+        "every start of the new store reached the subscriber"
+    );
+}
+
 #[test]
 fn broken_event_feeds_on_the_control_socket_are_dropped_and_hamd_carries_on() {
     use ham::ham_proto::{self as pb, Message};
