@@ -15,16 +15,10 @@ use std::fmt::Write as _;
 
 /// The section pattern of a symbol: its v0 crate disambiguators (`Cs…_`) and
 /// back-references (`B…_`, offsets that move with them) left open, and its end (a
-/// `.llvm.N` suffix comes and goes with how code is split into units); for a legacy
-/// symbol (`_ZN…17h…E`) its hash.
+/// `.llvm.N` suffix comes and goes with how code is split into units). A C name
+/// (`main`) stands as it is.
 fn pattern(symbol: &str) -> String {
     let symbol = symbol.split(".llvm.").next().unwrap_or(symbol);
-    if symbol.starts_with("_ZN")
-        && let Some(at) = symbol.rfind("17h")
-        && symbol.len() - at == 3 + 16 + 1
-    {
-        return format!("{}17h*", &symbol[..at]);
-    }
     if !symbol.starts_with("_R") {
         return symbol.to_owned();
     }

@@ -252,6 +252,19 @@ impl TestNode {
         self.wait_pair(generation + 1)
     }
 
+    /// Stops `hamd` and its entities, discards its state store, and starts it again
+    /// on `config` (written over its config file): a node whose event numbers start
+    /// over at 1.
+    pub fn restart_with_new_store(&mut self, config: &str) {
+        self.ham(&["stop", "--kill-entities"]);
+        self.wait_exit();
+        let _ = std::fs::remove_file(&self.state);
+        let _ = std::fs::remove_file(self.state.with_extension("beats"));
+        let path = self.config.as_ref().expect("the node has a config file");
+        std::fs::write(path, config).expect("config written");
+        self.launch().expect("hamd starts again");
+    }
+
     /// Waits for `hamd` to exit by itself (after `ham stop`).
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -850,18 +850,13 @@ fn a_subscriber_gets_the_first_events_of_a_node_restarted_with_a_new_store() {
     assert_eq!(first.entity, "w");
     // b stops and comes back with a new store and ten entities: their starts are
     // numbered from about 13 on, and b is past 30 before the mesh is up.
-    nb.ham(&["stop", "--kill-entities"]);
-    nb.wait_exit();
-    let _ = std::fs::remove_file(&nb.state);
-    let _ = std::fs::remove_file(nb.state.with_extension("beats"));
     let mut config = g.to_string();
     for i in 0..10 {
         config.push_str(&format!(
             "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
         ));
     }
-    std::fs::write(nb.config.as_ref().expect("b has a config"), config).expect("config");
-    nb.launch().expect("b starts again");
+    nb.restart_with_new_store(&config);
     let mut started: Vec<String> = (0..10)
         .map(|_| next_from_b("b's new starts").entity)
         .collect();

@@ -783,18 +783,13 @@ fn a_subscription_gets_the_first_events_of_a_hamd_restarted_with_a_new_store() {
     assert_eq!(next_start("the first start").entity, "w");
     // A new store with ten entities: their starts are numbered from about 13 on, and
     // hamd is past 30 once it answers.
-    node.ham(&["stop", "--kill-entities"]);
-    node.wait_exit();
-    let _ = std::fs::remove_file(&node.state);
-    let _ = std::fs::remove_file(node.state.with_extension("beats"));
     let mut config = g.to_string();
     for i in 0..10 {
         config.push_str(&format!(
             "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
         ));
     }
-    std::fs::write(node.config.as_ref().expect("a config"), config).expect("config");
-    node.launch().expect("hamd starts again");
+    node.restart_with_new_store(&config);
     let mut started: Vec<String> = Vec::new();
     while started.len() < 10 {
         let e = next_start("the new store's starts");
