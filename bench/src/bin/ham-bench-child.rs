@@ -2,9 +2,12 @@
 //! CLOCK_MONOTONIC and writes "PID NANOS\n" to the FIFO named by `$HAM_BENCH_FIFO`
 //! (or, without it, by its first argument); then, if `$HAM_BENCH_NOTIFY_FD` names a
 //! descriptor, it writes a newline there (s6's readiness notification); then it sleeps
-//! until killed. Every supervisor under test runs this same binary.
+//! until killed, or, if `$HAM_BENCH_THEN_EXEC` holds a command line (words split on
+//! whitespace, e.g. `sleep 1000000`), execs that in its place. Every supervisor under
+//! test runs this same binary.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 
 fn main() {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
@@ -25,6 +28,15 @@ fn main() {
             .open(format!("/proc/self/fd/{fd}"))
     {
         let _ = f.write_all(b"\n");
+    }
+    if let Some(line) = std::env::var_os("HAM_BENCH_THEN_EXEC") {
+        let line = line.to_string_lossy().into_owned();
+        let mut words = line.split_whitespace();
+        if let Some(program) = words.next() {
+            let err = std::process::Command::new(program).args(words).exec();
+            eprintln!("ham-bench-child: cannot exec {line:?}: {err}");
+            std::process::exit(127);
+        }
     }
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));
