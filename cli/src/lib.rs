@@ -170,6 +170,46 @@ pub struct Subscription {
     pub topic: String,
 }
 
+/// Where a following subscription stands in one node's numbered events: the number to
+/// resume from, and the time of the event before it as delivered (0: none yet). The
+/// time lets a node restarted with a new store, numbered past `next` since, tell that
+/// its events are other ones and replay them from 1.
+#[derive(Clone, Copy, Debug, Default)]
+struct StreamPosition {
+    next: u64,
+    seen_time_ms: u64,
+}
+
+/// Where a following subscription stands, for its resume after a broken stream.
+#[derive(Clone, Debug, Default)]
+struct Resume {
+    /// In the stream of the node this client talks to (a single-node subscription).
+    next: u64,
+    /// The time of the event before `next`, as delivered (0: none yet).
+    seen_time_ms: u64,
+    /// Per publishing node, for a cluster-wide subscription.
+    nodes: HashMap<String, StreamPosition>,
+}
+
+impl Resume {
+    /// Notes event `e` as delivered; `all` for a cluster-wide subscription, which
+    /// resumes per node only.
+    fn delivered(&mut self, e: &pb::Event, all: bool) {
+        if e.seq == 0 {
+            return;
+        }
+        if !all {
+            self.next = e.seq + 1;
+            self.seen_time_ms = e.time_ms;
+        }
+        let at = StreamPosition {
+            next: e.seq + 1,
+            seen_time_ms: e.time_ms,
+        };
+        self.nodes.insert(e.node.clone(), at);
+    }
+}
+
 /// The deepest cause of an error, which is the one that says what happened.
 fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
@@ -500,31 +540,20 @@ impl Client {
             // Pin "from now on" to a sequence number so that a resume knows where it was.
             from = self.status().await?.next_event_seq;
         }
-        let first = self.open_events(&s, from, 0, &HashMap::new()).await?;
+        let mut at = Resume {
+            next: from,
+            ..Resume::default()
+        };
+        let first = self.open_events(&s, &at).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let mut client = self.clone();
         tokio::spawn(async move {
             let mut stream = first;
-            let mut next = from;
-            // The time of the event before `next`, as delivered (0: none yet): lets a
-            // hamd restarted with a new store, numbered past `next` since, tell that
-            // its events are other ones and replay them from 1.
-            let mut seen_time_ms = 0;
-            // Per publishing node, for a cluster-wide subscription.
-            let mut resume: HashMap<String, u64> = HashMap::new();
             loop {
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(e) => {
-                            // A cluster subscription resumes per node (the resume
-                            // map); `next` is for a single node's stream only.
-                            if e.seq > 0 {
-                                if !all {
-                                    next = e.seq + 1;
-                                    seen_time_ms = e.time_ms;
-                                }
-                                resume.insert(e.node.clone(), e.seq + 1);
-                            }
+                            at.delivered(&e, all);
                             if tx.send(Ok(e)).await.is_err() {
                                 return;
                             }
@@ -540,7 +569,7 @@ impl Client {
                     return;
                 }
                 // The stream broke (or ended): hamd is changing hands. Resume.
-                stream = match client.reopen_events(&s, next, seen_time_ms, &resume).await {
+                stream = match client.reopen_events(&s, &at).await {
                     Ok(st) => st,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -583,19 +612,22 @@ impl Client {
     async fn open_events(
         &mut self,
         s: &Subscription,
-        from_seq: u64,
-        seen_time_ms: u64,
-        resume: &HashMap<String, u64>,
+        at: &Resume,
     ) -> Result<EventFeed, ClientError> {
         let req = pb::SubscribeRequest {
             entities: s.entities.clone(),
             kinds: s.kinds.clone(),
-            from_seq,
+            from_seq: at.next,
             follow: s.follow,
             nodes: s.nodes.clone(),
             topic: s.topic.clone(),
-            resume: resume.clone(),
-            seen_time_ms,
+            resume: at.nodes.iter().map(|(n, p)| (n.clone(), p.next)).collect(),
+            seen_time_ms: at.seen_time_ms,
+            resume_time_ms: at
+                .nodes
+                .iter()
+                .map(|(n, p)| (n.clone(), p.seen_time_ms))
+                .collect(),
         };
         self.feed(req).await
     }
@@ -603,13 +635,11 @@ impl Client {
     async fn reopen_events(
         &mut self,
         s: &Subscription,
-        from_seq: u64,
-        seen_time_ms: u64,
-        resume: &HashMap<String, u64>,
+        at: &Resume,
     ) -> Result<EventFeed, ClientError> {
         let deadline = Instant::now() + self.retry_for;
         loop {
-            match self.open_events(s, from_seq, seen_time_ms, resume).await {
+            match self.open_events(s, at).await {
                 Ok(st) => return Ok(st),
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;

@@ -39,7 +39,10 @@ pub fn cluster_stream(local: HamService, mesh: Option<Mesh>, req: pb::SubscribeR
         let tx = tx.clone();
         let mut own = req.clone();
         own.nodes = String::new();
-        own.from_seq = req.resume.get(&me).copied().unwrap_or(req.from_seq);
+        if let Some(&next) = req.resume.get(&me) {
+            own.from_seq = next;
+            own.seen_time_ms = req.resume_time_ms.get(&me).copied().unwrap_or(0);
+        }
         tokio::spawn(async move {
             match local.subscribe(tonic::Request::new(own)).await {
                 Ok(r) => pump(r.into_inner(), &tx, None).await,
@@ -59,7 +62,7 @@ pub fn cluster_stream(local: HamService, mesh: Option<Mesh>, req: pb::SubscribeR
                     .map(|(n, s)| {
                         let seen = Seen {
                             seq: s - 1,
-                            time_ms: 0,
+                            time_ms: req.resume_time_ms.get(n).copied().unwrap_or(0),
                         };
                         (n.clone(), seen)
                     })
@@ -119,6 +122,7 @@ async fn follow_node(
         let mut r = req.clone();
         r.nodes = String::new();
         r.resume.clear();
+        r.resume_time_ms.clear();
         r.from_seq = seen.map_or(req.from_seq, |s| s.seq + 1);
         // Lets a node that restarted with a new store, and has numbered past it
         // since, tell that the event under that number is another one.

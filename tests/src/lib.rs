@@ -256,10 +256,21 @@ impl TestNode {
     /// on `config` (written over its config file): a node whose event numbers start
     /// over at 1.
     pub fn restart_with_new_store(&mut self, config: &str) {
+        self.stop_discarding_store();
+        self.relaunch_with_config(config);
+    }
+
+    /// Stops `hamd` and its entities and discards its state store (see
+    /// [`TestNode::relaunch_with_config`]).
+    pub fn stop_discarding_store(&mut self) {
         self.ham(&["stop", "--kill-entities"]);
         self.wait_exit();
         let _ = std::fs::remove_file(&self.state);
         let _ = std::fs::remove_file(self.state.with_extension("beats"));
+    }
+
+    /// Starts a stopped `hamd` again on `config` (written over its config file).
+    pub fn relaunch_with_config(&mut self, config: &str) {
         let path = self.config.as_ref().expect("the node has a config file");
         std::fs::write(path, config).expect("config written");
         self.launch().expect("hamd starts again");

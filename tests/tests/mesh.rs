@@ -870,6 +870,79 @@ fn a_subscriber_gets_the_first_events_of_a_node_restarted_with_a_new_store() {
 }
 
 #[test]
+fn a_client_resuming_across_a_takeover_gets_the_first_events_of_a_node_restarted_with_a_new_store()
+{
+    use ham::Subscription;
+    use tokio_stream::StreamExt;
+    let certs_dir = ham_tests::Scratch::new("certs");
+    let [a, b, _] = names("q");
+    certs(&certs_dir.path, &[&a, &b]);
+    let port = port();
+    let g = "[[entity]]\nname = \"g\"\nglobal = true\n";
+    let mut na = node(&certs_dir.path, &a, 2, port, None, None);
+    let mut nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), Some(g));
+    for n in [&na, &nb] {
+        wait_until("a and b see each other up", 10, || {
+            all_up(n, &[a.as_str(), b.as_str()])
+        });
+    }
+    let rt = ham_tests::runtime();
+    let mut on_a = rt
+        .block_on(ham::Client::connect(&na.socket))
+        .expect("a answers");
+    let sub = Subscription {
+        kinds: vec!["started".into()],
+        follow: true,
+        nodes: "all".into(),
+        ..Subscription::default()
+    };
+    let mut events = rt.block_on(on_a.subscribe(sub)).expect("subscribes");
+    // b's next start, or None after 15 s without one.
+    let mut next_from_b = || loop {
+        let e = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(15), events.next())
+                .await
+                .ok()
+                .map(|e| e.expect("stream open").expect("an event"))
+        })?;
+        if e.node == b && e.kind == "started" {
+            return Some(e);
+        }
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // b's first life: a start numbered about 16, after events the subscriber does not
+    // want.
+    for i in 0..10 {
+        nb.ham(&["raise", "g", &format!("r{i}")]);
+    }
+    nb.ham(&["entity", "add", "w", "--", "/bin/sleep", "1000"]);
+    let first = next_from_b().expect("b's first start");
+    assert_eq!(first.entity, "w");
+    // b goes away; then a's HAM dies, so the client reconnects to a's new HAM, whose
+    // fan-out knows of b's events only what the client's resume map says.
+    nb.stop_discarding_store();
+    na.kill_ham();
+    std::thread::sleep(Duration::from_millis(1000));
+    // b comes back with a new store: its ten starts are numbered from about 13 on, and
+    // it is past 30 before the mesh is up.
+    let mut config = g.to_string();
+    for i in 0..10 {
+        config.push_str(&format!(
+            "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
+        ));
+    }
+    nb.relaunch_with_config(&config);
+    let mut started: Vec<String> = (0..10)
+        .map_while(|_| next_from_b())
+        .map(|e| e.entity)
+        .collect();
+    started.sort();
+    let mut expected: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+    expected.sort();
+    assert_eq!(started, expected, "every start of b's new life reached a");
+}
+
+#[test]
 fn a_node_that_stalls_does_not_blame_its_peers() {
     let certs_dir = ham_tests::Scratch::new("certs");
     let [a, b, c] = names("t");
