@@ -1,7 +1,8 @@
 //! Lays out first, in `hot-code.order`'s order, the functions a running hamd executes
-//! once up (the list is made by `scripts/hot-code`). The kernel maps 64 KiB of page
-//! cache around every code fault, so this sets how much of the executable an idle or
-//! restarting HAM keeps resident.
+//! once up (the list is made by `scripts/hot-code`), and ahead of the other constants
+//! the tables those functions jump through. The kernel maps 64 KiB of page cache
+//! around every fault on a file's page, so this sets how much of the executable an
+//! idle or restarting HAM keeps resident.
 //!
 //! The list names functions by their symbols, whose hashes change with every change to
 //! a crate's metadata, even with which packages a `cargo build` selects (features are
@@ -69,6 +70,7 @@ fn main() {
     let mut script = String::from(
         "/* Made by node/build.rs from hot-code.order. */\nSECTIONS {\n  .text.hot : {\n",
     );
+    let mut patterns = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for symbol in list.lines().map(str::trim) {
         if symbol.is_empty() || symbol.starts_with('#') {
@@ -76,12 +78,22 @@ fn main() {
         }
         let p = pattern(symbol);
         if seen.insert(p.clone()) {
-            // A cold function (`#[cold]`: a vector's growth…) has its section
-            // under `.text.unlikely.`.
-            let _ = writeln!(script, "    *(.text.{p} .text.unlikely.{p})");
+            patterns.push(p);
         }
     }
+    for p in &patterns {
+        // A cold function (`#[cold]`: a vector's growth…) has its section under
+        // `.text.unlikely.`.
+        let _ = writeln!(script, "    *(.text.{p} .text.unlikely.{p})");
+    }
     script.push_str("  }\n}\nINSERT BEFORE .text;\n");
+    // The constants those functions read that carry their name: their jump tables
+    // (`.rodata.SYMBOL`) and lookup tables (`.rodata..Lswitch.table.SYMBOL`).
+    script.push_str("SECTIONS {\n  .rodata.hot : {\n");
+    for p in &patterns {
+        let _ = writeln!(script, "    *(.rodata.{p} .rodata..Lswitch.table.{p})");
+    }
+    script.push_str("  }\n}\nINSERT BEFORE .rodata;\n");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
         .join("hot-code.ld");
     std::fs::write(&out, script).expect("OUT_DIR is writable");

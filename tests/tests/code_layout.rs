@@ -2,7 +2,9 @@
 //! before `.text`), the functions `node/hot-code.order` lists: the code a running HAM
 //! and Guardian execute (node/build.rs makes the linker script). Without it they are
 //! strewn over the whole executable, and an idle or restarting HAM keeps many times
-//! more code resident (the kernel maps 64 KiB around every code fault).
+//! more code resident (the kernel maps 64 KiB around every code fault). The jump and
+//! lookup tables of those functions come first among the constants (`.rodata.hot`,
+//! before `.rodata`), for the same reason.
 
 use ham_tests::bin;
 use std::process::Command;
@@ -76,5 +78,24 @@ fn hamd_lays_out_the_listed_hot_functions_first() {
     assert!(
         (hot_start..hot_start + hot_size).contains(&main),
         "main lies in .text.hot"
+    );
+}
+
+#[test]
+fn hamd_lays_out_the_hot_functions_tables_first() {
+    let sections = sections(&bin("hamd"));
+    let find = |name: &str| sections.iter().find(|(n, _, _)| n == name).cloned();
+    let (_, hot_start, hot_size) = find(".rodata.hot")
+        .expect("hamd has a .rodata.hot section: is lld given node/build.rs's script?");
+    let (_, rodata_start, rodata_size) = find(".rodata").expect("hamd has a .rodata section");
+    assert!(
+        hot_start < rodata_start,
+        "the hot functions' tables come before the other constants"
+    );
+    // The listed functions' tables are a few KiB (the loops' state machines jump
+    // through them): some must be there, and far from all the constants.
+    assert!(
+        hot_size >= 1024 && hot_size < rodata_size / 4,
+        ".rodata.hot holds {hot_size} bytes of {rodata_size}"
     );
 }
