@@ -795,6 +795,113 @@ fn cluster_subscribers_resume_after_a_reconnect_and_are_told_of_gaps() {
     );
 }
 
+/// Node a, and node b publishing: a client on a follows every node's `started`
+/// events (`--node all`), and b has had a first life (a start numbered about 16, after
+/// events the subscriber does not want), which the client resumes after.
+struct RestartedPublisher {
+    na: TestNode,
+    nb: TestNode,
+    b: String,
+    rt: tokio::runtime::Runtime,
+    events: std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ham::ham_proto::Event, ham::ClientError>>>,
+    >,
+    _certs: ham_tests::Scratch,
+}
+
+impl RestartedPublisher {
+    const ENTITY_G: &str = "[[entity]]\nname = \"g\"\nglobal = true\n";
+
+    fn start(tag: &str) -> RestartedPublisher {
+        let certs_dir = ham_tests::Scratch::new("certs");
+        let [a, b, _] = names(tag);
+        certs(&certs_dir.path, &[&a, &b]);
+        let port = port();
+        let na = node(&certs_dir.path, &a, 2, port, None, None);
+        let nb = node(
+            &certs_dir.path,
+            &b,
+            3,
+            port,
+            Some((2, port)),
+            Some(Self::ENTITY_G),
+        );
+        for n in [&na, &nb] {
+            wait_until("a and b see each other up", 10, || {
+                all_up(n, &[a.as_str(), b.as_str()])
+            });
+        }
+        let rt = ham_tests::runtime();
+        let mut on_a = rt
+            .block_on(ham::Client::connect(&na.socket))
+            .expect("a answers");
+        let sub = ham::Subscription {
+            kinds: vec!["started".into()],
+            follow: true,
+            nodes: "all".into(),
+            ..ham::Subscription::default()
+        };
+        let events = Box::pin(rt.block_on(on_a.subscribe(sub)).expect("subscribes"));
+        let mut p = RestartedPublisher {
+            na,
+            nb,
+            b,
+            rt,
+            events,
+            _certs: certs_dir,
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        for i in 0..10 {
+            p.nb.ham(&["raise", "g", &format!("r{i}")]);
+        }
+        p.nb.ham(&["entity", "add", "w", "--", "/bin/sleep", "1000"]);
+        let first = p.next_start_from_b().expect("b's first start");
+        assert_eq!(first.entity, "w");
+        p
+    }
+
+    /// b's next `started` event, or None after 15 s without one.
+    fn next_start_from_b(&mut self) -> Option<ham::ham_proto::Event> {
+        use tokio_stream::StreamExt;
+        loop {
+            let events = &mut self.events;
+            let e = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(15), events.next())
+                    .await
+                    .ok()
+                    .map(|e| e.expect("stream open").expect("an event"))
+            })?;
+            if e.node == self.b && e.kind == "started" {
+                return Some(e);
+            }
+        }
+    }
+
+    /// b's config for its new life: ten entities, whose starts are numbered from about
+    /// 13 on, so that b is past 30 before the mesh is up.
+    fn new_life() -> String {
+        let mut config = Self::ENTITY_G.to_string();
+        for i in 0..10 {
+            config.push_str(&format!(
+                "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
+            ));
+        }
+        config
+    }
+
+    /// Every start of b's new life reaches the client on a.
+    fn assert_the_new_life_arrives(&mut self) {
+        let mut started: Vec<String> = (0..10)
+            .map_while(|_| self.next_start_from_b())
+            .map(|e| e.entity)
+            .collect();
+        started.sort();
+        let mut expected: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+        expected.sort();
+        assert_eq!(started, expected, "every start of b's new life reached a");
+    }
+}
+
 /// A node restarted with a new store numbers its events from 1 again, and may have
 /// numbered past the last event a subscriber elsewhere got from it before that
 /// subscriber reconnects: the subscriber still gets its first events, not only those
@@ -802,144 +909,22 @@ fn cluster_subscribers_resume_after_a_reconnect_and_are_told_of_gaps() {
 /// `started` event so, now and then).
 #[test]
 fn a_subscriber_gets_the_first_events_of_a_node_restarted_with_a_new_store() {
-    use ham::Subscription;
-    use tokio_stream::StreamExt;
-    let certs_dir = ham_tests::Scratch::new("certs");
-    let [a, b, _] = names("n");
-    certs(&certs_dir.path, &[&a, &b]);
-    let port = port();
-    let g = "[[entity]]\nname = \"g\"\nglobal = true\n";
-    let na = node(&certs_dir.path, &a, 2, port, None, None);
-    let mut nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), Some(g));
-    for n in [&na, &nb] {
-        wait_until("a and b see each other up", 10, || {
-            all_up(n, &[a.as_str(), b.as_str()])
-        });
-    }
-    let rt = ham_tests::runtime();
-    let mut on_a = rt
-        .block_on(ham::Client::connect(&na.socket))
-        .expect("a answers");
-    let sub = Subscription {
-        kinds: vec!["started".into()],
-        follow: true,
-        nodes: "all".into(),
-        ..Subscription::default()
-    };
-    let mut events = rt.block_on(on_a.subscribe(sub)).expect("subscribes");
-    let mut next_from_b = |what: &str| loop {
-        let e = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), events.next())
-                .await
-                .unwrap_or_else(|_| panic!("{what}: no event within 10 s"))
-                .expect("stream open")
-                .expect("an event")
-        });
-        if e.node == b && e.kind == "started" {
-            return e;
-        }
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    // b's first life: some events the subscriber does not want, then a start, whose
-    // number (about 16) the subscriber resumes after.
-    for i in 0..10 {
-        nb.ham(&["raise", "g", &format!("r{i}")]);
-    }
-    nb.ham(&["entity", "add", "w", "--", "/bin/sleep", "1000"]);
-    let first = next_from_b("b's first start");
-    assert_eq!(first.entity, "w");
-    // b stops and comes back with a new store and ten entities: their starts are
-    // numbered from about 13 on, and b is past 30 before the mesh is up.
-    let mut config = g.to_string();
-    for i in 0..10 {
-        config.push_str(&format!(
-            "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
-        ));
-    }
-    nb.restart_with_new_store(&config);
-    let mut started: Vec<String> = (0..10)
-        .map(|_| next_from_b("b's new starts").entity)
-        .collect();
-    started.sort();
-    let expected: Vec<String> = {
-        let mut v: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
-        v.sort();
-        v
-    };
-    assert_eq!(started, expected, "every start of b's new life reached a");
+    let mut p = RestartedPublisher::start("n");
+    p.nb.restart_with_new_store(&RestartedPublisher::new_life());
+    p.assert_the_new_life_arrives();
 }
 
+/// The same when the client's own hamd changes hands meanwhile: the new HAM's fan-out
+/// knows of b's events only what the client's resume map says (numbers and times).
 #[test]
 fn a_client_resuming_across_a_takeover_gets_the_first_events_of_a_node_restarted_with_a_new_store()
 {
-    use ham::Subscription;
-    use tokio_stream::StreamExt;
-    let certs_dir = ham_tests::Scratch::new("certs");
-    let [a, b, _] = names("q");
-    certs(&certs_dir.path, &[&a, &b]);
-    let port = port();
-    let g = "[[entity]]\nname = \"g\"\nglobal = true\n";
-    let mut na = node(&certs_dir.path, &a, 2, port, None, None);
-    let mut nb = node(&certs_dir.path, &b, 3, port, Some((2, port)), Some(g));
-    for n in [&na, &nb] {
-        wait_until("a and b see each other up", 10, || {
-            all_up(n, &[a.as_str(), b.as_str()])
-        });
-    }
-    let rt = ham_tests::runtime();
-    let mut on_a = rt
-        .block_on(ham::Client::connect(&na.socket))
-        .expect("a answers");
-    let sub = Subscription {
-        kinds: vec!["started".into()],
-        follow: true,
-        nodes: "all".into(),
-        ..Subscription::default()
-    };
-    let mut events = rt.block_on(on_a.subscribe(sub)).expect("subscribes");
-    // b's next start, or None after 15 s without one.
-    let mut next_from_b = || loop {
-        let e = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(15), events.next())
-                .await
-                .ok()
-                .map(|e| e.expect("stream open").expect("an event"))
-        })?;
-        if e.node == b && e.kind == "started" {
-            return Some(e);
-        }
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    // b's first life: a start numbered about 16, after events the subscriber does not
-    // want.
-    for i in 0..10 {
-        nb.ham(&["raise", "g", &format!("r{i}")]);
-    }
-    nb.ham(&["entity", "add", "w", "--", "/bin/sleep", "1000"]);
-    let first = next_from_b().expect("b's first start");
-    assert_eq!(first.entity, "w");
-    // b goes away; then a's HAM dies, so the client reconnects to a's new HAM, whose
-    // fan-out knows of b's events only what the client's resume map says.
-    nb.stop_discarding_store();
-    na.kill_ham();
+    let mut p = RestartedPublisher::start("q");
+    p.nb.stop_discarding_store();
+    p.na.kill_ham();
     std::thread::sleep(Duration::from_millis(1000));
-    // b comes back with a new store: its ten starts are numbered from about 13 on, and
-    // it is past 30 before the mesh is up.
-    let mut config = g.to_string();
-    for i in 0..10 {
-        config.push_str(&format!(
-            "[[entity]]\nname = \"n{i}\"\ncommand = [\"/bin/sleep\", \"1000\"]\n"
-        ));
-    }
-    nb.relaunch_with_config(&config);
-    let mut started: Vec<String> = (0..10)
-        .map_while(|_| next_from_b())
-        .map(|e| e.entity)
-        .collect();
-    started.sort();
-    let mut expected: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
-    expected.sort();
-    assert_eq!(started, expected, "every start of b's new life reached a");
+    p.nb.relaunch_with_config(&RestartedPublisher::new_life());
+    p.assert_the_new_life_arrives();
 }
 
 #[test]
