@@ -201,6 +201,14 @@ pub struct HamEnd {
 }
 
 impl HamEnd {
+    /// Another handle on the same connection (for a thread that sends beside the HAM's
+    /// loop; the packets of each handle keep their order).
+    pub fn try_clone(&self) -> io::Result<HamEnd> {
+        Ok(HamEnd {
+            stream: self.stream.try_clone()?,
+        })
+    }
+
     /// Hands watched processes' pidfds to the Guardian: `(entity, pid, start time, pidfd)`.
     pub fn send_watched(&self, procs: &[(u32, i32, u64, BorrowedFd<'_>)]) -> io::Result<()> {
         for chunk in procs.chunks(MAX_FDS) {

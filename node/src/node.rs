@@ -446,12 +446,14 @@ impl Node {
                 if pair.connected(pid, result) {
                     tracing::debug!(guardian = pid, "Guardian connected");
                     // The new Guardian gets every pidfd watched so far.
-                    let procs: Vec<_> = self
-                        .watcher
-                        .iter()
-                        .map(|(e, h)| (e.0, h.proc.pid, h.proc.start_time, h.pidfd()))
-                        .collect();
-                    pair.hand_over_all(&procs);
+                    let procs: Vec<_> =
+                        self.watcher.iter().map(|(e, h)| (e.0, h.clone())).collect();
+                    pair.hand_over_all(procs);
+                }
+            }
+            PairEvent::HandedOver(pid, result) => {
+                if let Some(pair) = self.pair.as_mut() {
+                    pair.handed_over(pid, result, now().mono_ms);
                 }
             }
         }

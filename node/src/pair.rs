@@ -53,6 +53,9 @@ pub enum PairEvent {
     Launched(std::io::Result<Arc<ProcessHandle>>, i32),
     /// A launched Guardian connected (or failed to).
     Connected(i32, std::io::Result<HamEnd>),
+    /// Every watched pidfd was handed to the Guardian `pid` (or could not be), off the
+    /// loop (see [`Pair::hand_over_all`]).
+    HandedOver(i32, std::io::Result<()>),
 }
 
 struct Guardian {
@@ -77,6 +80,8 @@ pub struct Pair {
     queued: Vec<Handed>,
     /// When they are due (monotonic ms).
     due_ms: Option<u64>,
+    /// The whole set is on its way to a new Guardian ([`Pair::hand_over_all`]).
+    handing_over: bool,
 }
 
 impl Pair {
@@ -102,14 +107,16 @@ impl Pair {
             events,
             queued: Vec::new(),
             due_ms: None,
+            handing_over: false,
         })
     }
 
-    /// The PID of the Guardian, once it is connected.
+    /// The PID of the Guardian, once it is connected and holds every watched pidfd
+    /// (until then a takeover would have to find the missing ones itself).
     pub fn guardian_pid(&self) -> Option<i32> {
         self.current
             .as_ref()
-            .filter(|g| g.end.is_some())
+            .filter(|g| g.end.is_some() && !self.handing_over)
             .map(|g| g.handle.proc.pid)
     }
 
@@ -212,13 +219,56 @@ impl Pair {
     }
 
     /// Hands every watched process's pidfd to a Guardian that has just connected, at
-    /// once; what was queued for the Guardian before is part of it, and dropped. A
-    /// Guardian that cannot take them is broken: it is killed, and its death brings a
-    /// new one.
-    pub fn hand_over_all(&mut self, procs: &[(u32, i32, u64, BorrowedFd<'_>)]) {
+    /// once; what was queued for the Guardian before is part of it, and dropped. The
+    /// packets (one per 64 pidfds) go from a thread of their own: a Guardian just
+    /// started drains 10,000 of them slower than they are sent, and the loop (with
+    /// every API answer) would wait for it. Changes queued meanwhile are held back
+    /// until that is done ([`PairEvent::HandedOver`]), so they follow the whole set.
+    /// A Guardian that cannot take them is broken: it is killed, and its death brings
+    /// a new one.
+    pub fn hand_over_all(&mut self, procs: Vec<(u32, Arc<ProcessHandle>)>) {
         self.queued.clear();
         self.due_ms = None;
-        self.send_watched(procs);
+        let Some(g) = &self.current else { return };
+        let Some(end) = &g.end else { return };
+        if procs.is_empty() {
+            return;
+        }
+        let pid = g.handle.proc.pid;
+        let sender = match end.try_clone() {
+            Ok(sender) => sender,
+            Err(e) => {
+                tracing::warn!("cannot hand pidfds to the Guardian ({e}): replacing it");
+                let _ = g.handle.signal(9);
+                return;
+            }
+        };
+        self.handing_over = true;
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let fds: Vec<_> = procs
+                .iter()
+                .map(|(e, h)| (*e, h.proc.pid, h.proc.start_time, h.pidfd()))
+                .collect();
+            let _ = events.send(PairEvent::HandedOver(pid, sender.send_watched(&fds)));
+        });
+    }
+
+    /// The whole set was handed to Guardian `pid` (or could not be): what was queued
+    /// meanwhile is now due; a Guardian that did not take the set is killed.
+    pub fn handed_over(&mut self, pid: i32, result: std::io::Result<()>, now_ms: u64) {
+        let Some(g) = self.current.as_ref().filter(|g| g.handle.proc.pid == pid) else {
+            return;
+        };
+        self.handing_over = false;
+        if let Err(e) = result {
+            tracing::warn!("the Guardian does not take pidfds ({e}): replacing it");
+            let _ = g.handle.signal(9);
+            return;
+        }
+        if !self.queued.is_empty() {
+            self.due_ms = Some(now_ms);
+        }
     }
 
     /// Queues a watched process's pidfd for the Guardian (sent by [`Pair::flush`]).
@@ -236,7 +286,10 @@ impl Pair {
         // whole set when it connects.
         if self.current.as_ref().is_some_and(|g| g.end.is_some()) {
             self.queued.push(change);
-            self.due_ms.get_or_insert(now_ms + HAND_OVER_AFTER_MS);
+            // While the whole set is on its way, nothing is due: it comes after.
+            if !self.handing_over {
+                self.due_ms.get_or_insert(now_ms + HAND_OVER_AFTER_MS);
+            }
         }
     }
 
@@ -296,6 +349,7 @@ impl Pair {
             // The next Guardian gets the whole set when it connects.
             self.queued.clear();
             self.due_ms = None;
+            self.handing_over = false;
             true
         } else {
             false
