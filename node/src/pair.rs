@@ -64,6 +64,14 @@ struct Guardian {
     watch: AbortHandle,
 }
 
+impl Guardian {
+    /// Kills a Guardian that failed the HAM (`why`); its death brings a new one.
+    fn replace(&self, why: std::fmt::Arguments<'_>) {
+        tracing::warn!("{why}: replacing it");
+        let _ = self.handle.signal(9);
+    }
+}
+
 /// The pair as the HAM sees it.
 pub struct Pair {
     listener: Arc<PairListener>,
@@ -238,8 +246,7 @@ impl Pair {
         let sender = match end.try_clone() {
             Ok(sender) => sender,
             Err(e) => {
-                tracing::warn!("cannot hand pidfds to the Guardian ({e}): replacing it");
-                let _ = g.handle.signal(9);
+                g.replace(format_args!("cannot hand pidfds to the Guardian ({e})"));
                 return;
             }
         };
@@ -262,8 +269,7 @@ impl Pair {
         };
         self.handing_over = false;
         if let Err(e) = result {
-            tracing::warn!("the Guardian does not take pidfds ({e}): replacing it");
-            let _ = g.handle.signal(9);
+            g.replace(format_args!("the Guardian does not take pidfds ({e})"));
             return;
         }
         if !self.queued.is_empty() {
@@ -323,8 +329,7 @@ impl Pair {
             && let Some(end) = &g.end
             && let Err(e) = end.send_watched(procs)
         {
-            tracing::warn!("the Guardian does not take pidfds ({e}): replacing it");
-            let _ = g.handle.signal(9);
+            g.replace(format_args!("the Guardian does not take pidfds ({e})"));
         }
     }
 
@@ -333,8 +338,7 @@ impl Pair {
             && let Some(end) = &g.end
             && let Err(e) = end.send_unwatched(entity)
         {
-            tracing::warn!("the Guardian does not listen ({e}): replacing it");
-            let _ = g.handle.signal(9);
+            g.replace(format_args!("the Guardian does not listen ({e})"));
         }
     }
 
