@@ -4,8 +4,9 @@
 # what changed. Quiet when all is well; on failure it says what failed and shows the
 # output of the step that failed.
 #
-#   static release builds of hamd and ham  -> target/static (its own target dir, so the
-#                                             normal one is not invalidated)
+#   static release builds of hamd and ham  -> target/static (scripts/build-static: its
+#                                             own target dir, so the normal one is not
+#                                             invalidated)
 #   init, sleeper, kill (deploy/init/*.rs)  -> target/static/init (rustc, std only)
 #   build context                          -> target/static/image
 #
@@ -41,8 +42,7 @@ command -v docker >/dev/null || fail "docker is not on PATH"
 docker info >/dev/null 2>&1 || fail "no Docker engine is reachable (docker info failed)"
 
 echo "build-image: static hamd and ham (cargo, target/static)"
-RUSTFLAGS="-C target-feature=+crt-static -C symbol-mangling-version=v0" step "cargo build" \
-  cargo build --release --locked --target "$triple" --target-dir "$out" -p ham-node -p ham --bins
+step "scripts/build-static" scripts/build-static
 
 echo "build-image: init, sleeper, kill (rustc, std only)"
 mkdir -p "$out/init"

@@ -58,6 +58,14 @@ fn open_v0_hashes(symbol: &str) -> String {
     out
 }
 
+/// An `ARCHIVE:MEMBER` entry (`libc.a:close.o`): a C library function's object,
+/// which a static build links in, named as lld matches a member of an archive. Such
+/// an entry matches nothing in a dynamic build.
+fn archive_member(entry: &str) -> Option<&str> {
+    let (archive, member) = entry.split_once(':')?;
+    (archive.ends_with(".a") && member.ends_with(".o")).then_some(entry)
+}
+
 fn main() {
     let order = "hot-code.order";
     println!("cargo:rerun-if-changed={order}");
@@ -82,16 +90,26 @@ fn main() {
         }
     }
     for p in &patterns {
-        // A cold function (`#[cold]`: a vector's growth…) has its section under
-        // `.text.unlikely.`.
-        let _ = writeln!(script, "    *(.text.{p} .text.unlikely.{p})");
+        if let Some(member) = archive_member(p) {
+            // A C library's function, linked in by a static build: its object's code
+            // (glibc's variants live in `.text.avx`, `.text.evex`…).
+            let _ = writeln!(script, "    *{member}(.text .text.*)");
+        } else {
+            // A cold function (`#[cold]`: a vector's growth…) has its section under
+            // `.text.unlikely.`.
+            let _ = writeln!(script, "    *(.text.{p} .text.unlikely.{p})");
+        }
     }
     script.push_str("  }\n}\nINSERT BEFORE .text;\n");
     // The constants those functions read that carry their name: their jump tables
     // (`.rodata.SYMBOL`) and lookup tables (`.rodata..Lswitch.table.SYMBOL`).
     script.push_str("SECTIONS {\n  .rodata.hot : {\n");
     for p in &patterns {
-        let _ = writeln!(script, "    *(.rodata.{p} .rodata..Lswitch.table.{p})");
+        if let Some(member) = archive_member(p) {
+            let _ = writeln!(script, "    *{member}(.rodata .rodata.*)");
+        } else {
+            let _ = writeln!(script, "    *(.rodata.{p} .rodata..Lswitch.table.{p})");
+        }
     }
     script.push_str("  }\n}\nINSERT BEFORE .rodata;\n");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))

@@ -12,14 +12,21 @@ use std::time::{Duration, Instant};
 /// Where the workspace's binaries are.
 #[derive(Clone, Debug)]
 pub struct Bins {
-    /// The directory holding `hamd`, `ham` and `ham-bench-child`.
+    /// The directory holding `ham` and `ham-bench-child`.
     pub dir: PathBuf,
+    /// The `hamd` under test: in a full run the production build (static-pie, made by
+    /// `scripts/build-static`), else the one in `dir`.
+    pub hamd: PathBuf,
 }
 
 impl Bins {
     /// A binary's path.
     pub fn get(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+        if name == "hamd" {
+            self.hamd.clone()
+        } else {
+            self.dir.join(name)
+        }
     }
 }
 

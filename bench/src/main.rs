@@ -49,6 +49,11 @@ struct Args {
     /// Where hamd, ham and ham-bench-child are (default: beside this executable).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// The hamd to measure. Default: in a release run under cargo, the production
+    /// build (static-pie, `scripts/build-static`, built first); else the one in the
+    /// binaries' directory.
+    #[arg(long)]
+    hamd: Option<PathBuf>,
     /// Only these peers (by package: s6, runit, supervisor, nats-server), e.g.
     /// `--peers s6,runit` to profile without supervisord's 1 s restarts. A full `all`
     /// uses every peer.
@@ -113,22 +118,39 @@ const EVERY: [Scenario; 9] = [
     Scenario::MeshScale,
 ];
 
+/// The workspace's root.
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
 /// Under `cargo run`, builds `hamd` and `ham` in the same profile first, so the one
-/// documented command never measures stale or missing binaries.
-fn build_siblings(dir: &std::path::Path) -> anyhow::Result<()> {
+/// documented command never measures stale or missing binaries. A release run also
+/// builds the production `hamd` (static-pie, `scripts/build-static`) and returns its
+/// path: that is the one measured.
+fn build_siblings(dir: &std::path::Path) -> anyhow::Result<Option<PathBuf>> {
     let Some(cargo) = std::env::var_os("CARGO") else {
-        return Ok(());
+        return Ok(None);
     };
+    let release = dir.ends_with("release");
     let mut cmd = std::process::Command::new(cargo);
     cmd.args(["build", "-q", "-p", "ham-node", "-p", "ham"])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    if dir.ends_with("release") {
+        .current_dir(ROOT);
+    if release {
         cmd.arg("--release");
     }
     eprintln!("building hamd and ham: {cmd:?}");
     let ok = cmd.status().context("cannot run cargo")?.success();
     anyhow::ensure!(ok, "building hamd and ham failed");
-    Ok(())
+    if !release {
+        return Ok(None);
+    }
+    let mut cmd = std::process::Command::new(format!("{ROOT}/scripts/build-static"));
+    cmd.arg("-q").current_dir(ROOT);
+    eprintln!("building the production hamd: {cmd:?}");
+    let ok = cmd.status().context("cannot run scripts/build-static")?.success();
+    anyhow::ensure!(ok, "scripts/build-static failed");
+    let hamd = PathBuf::from(ROOT).join("target/static/x86_64-unknown-linux-gnu/release/hamd");
+    Ok(Some(std::fs::canonicalize(&hamd).with_context(|| {
+        format!("scripts/build-static made no {}", hamd.display())
+    })?))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -141,10 +163,17 @@ fn main() -> anyhow::Result<()> {
             .context("no executable directory")?
             .to_path_buf(),
     };
-    if args.bin_dir.is_none() {
-        build_siblings(&dir)?;
-    }
-    let bins = Bins { dir };
+    let built = if args.bin_dir.is_none() {
+        build_siblings(&dir)?
+    } else {
+        None
+    };
+    let hamd = args
+        .hamd
+        .clone()
+        .or(built)
+        .unwrap_or_else(|| dir.join("hamd"));
+    let bins = Bins { dir, hamd };
     for b in ["hamd", "ham", "ham-bench-child"] {
         anyhow::ensure!(
             bins.get(b).is_file(),
@@ -235,6 +264,7 @@ fn main() -> anyhow::Result<()> {
     let body = format!(
         "Command: `{FULL_COMMAND}` (this run: `{}`, {:.0} s).\n\n\
          Machine:\n{}\n\
+         hamd measured: `{}` ({}).\n\n\
          {table}\n\
          {}\
          {mesh}\
@@ -242,6 +272,8 @@ fn main() -> anyhow::Result<()> {
         std::env::args().collect::<Vec<_>>().join(" "),
         started.elapsed().as_secs_f64(),
         report::machine(),
+        ctx.bins.get("hamd").display(),
+        report::linkage(&ctx.bins.get("hamd"))?,
         if skipped.is_empty() {
             String::new()
         } else {
