@@ -43,6 +43,18 @@ docker info >/dev/null 2>&1 || fail "no Docker engine is reachable (docker info 
 
 echo "build-image: static hamd and ham (cargo, target/static)"
 step "scripts/build-static" scripts/build-static
+# Linked in, the C library's functions on the hot paths are laid out with hamd's own
+# (the libc.a:MEMBER entries of node/hot-code.order): close(2)'s code must lie in
+# .text.hot, or lld did not match the archive members and a restart maps libc's
+# windows again.
+hamd_bin=$out/$triple/release/hamd
+read -r hot_start hot_size < <(readelf -SW "$hamd_bin" | sed -E 's/^ *\[ *[0-9]+\] *//' |
+  awk '$1 == ".text.hot" { print $3, $5 }')
+close_at=$(nm --defined-only "$hamd_bin" | awk '$3 == "__close" { print $1; exit }')
+if [ -z "${hot_start:-}" ] || [ -z "$close_at" ] ||
+  (( 16#$close_at < 16#$hot_start || 16#$close_at >= 16#$hot_start + 16#$hot_size )); then
+  fail "the static hamd does not lay out close(2) in .text.hot (node/build.rs, node/hot-code.order)"
+fi
 
 echo "build-image: init, sleeper, kill (rustc, std only)"
 mkdir -p "$out/init"

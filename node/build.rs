@@ -11,6 +11,10 @@
 //! cold one: Rust puts each function in its own), in a linker script that lld
 //! inserts before `.text` as the output section `.text.hot`. A function that is gone
 //! matches nothing. Only for lld, the linker of x86_64-unknown-linux-gnu since Rust 1.90.
+//!
+//! The static build (`scripts/build-static`) links the C library in: its functions are
+//! listed by archive member (`libc.a:close.o`), whose code and constants go with the
+//! hot ones. A dynamic build has no such member, and those entries match nothing.
 
 use std::fmt::Write as _;
 
