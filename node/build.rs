@@ -82,6 +82,10 @@ fn main() {
     let mut script = String::from(
         "/* Made by node/build.rs from hot-code.order. */\nSECTIONS {\n  .text.hot : {\n",
     );
+    // A static build calls the C library's string functions (chosen for the CPU at
+    // start) through stubs of its own, `.iplt`, that lld would put after all the code:
+    // every memmove would touch a window of cold code.
+    script.push_str("    *(.iplt)\n");
     let mut patterns = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for symbol in list.lines().map(str::trim) {
@@ -107,7 +111,10 @@ fn main() {
     script.push_str("  }\n}\nINSERT BEFORE .text;\n");
     // The constants those functions read that carry their name: their jump tables
     // (`.rodata.SYMBOL`) and lookup tables (`.rodata..Lswitch.table.SYMBOL`).
-    script.push_str("SECTIONS {\n  .rodata.hot : {\n");
+    // Aligned to 64 KiB, fault-around's window, so that the few KiB of it are one window
+    // and not the ends of two: a static executable is mapped at a 64 KiB (or larger)
+    // boundary, so its offsets and addresses share their windows.
+    script.push_str("SECTIONS {\n  .rodata.hot ALIGN(0x10000) : {\n");
     for p in &patterns {
         if let Some(member) = archive_member(p) {
             let _ = writeln!(script, "    *{member}(.rodata .rodata.*)");

@@ -145,7 +145,10 @@ fn build_siblings(dir: &std::path::Path) -> anyhow::Result<Option<PathBuf>> {
     let mut cmd = std::process::Command::new(format!("{ROOT}/scripts/build-static"));
     cmd.arg("-q").current_dir(ROOT);
     eprintln!("building the production hamd: {cmd:?}");
-    let ok = cmd.status().context("cannot run scripts/build-static")?.success();
+    let ok = cmd
+        .status()
+        .context("cannot run scripts/build-static")?
+        .success();
     anyhow::ensure!(ok, "scripts/build-static failed");
     let hamd = PathBuf::from(ROOT).join("target/static/x86_64-unknown-linux-gnu/release/hamd");
     Ok(Some(std::fs::canonicalize(&hamd).with_context(|| {

@@ -182,14 +182,16 @@ pub fn linkage(exe: &std::path::Path) -> anyhow::Result<&'static str> {
         "{} is not a 64-bit little-endian ELF file",
         exe.display()
     );
-    let (Some(phoff), Some(size), Some(count)) = (word(0x20, 8), u16_at(0x36), u16_at(0x38))
-    else {
+    let (Some(phoff), Some(size), Some(count)) = (word(0x20, 8), u16_at(0x36), u16_at(0x38)) else {
         anyhow::bail!("{}: truncated ELF header", exe.display());
     };
-    let interp = (0..usize::from(count)).any(|i| {
-        word(phoff as usize + i * usize::from(size), 4) == Some(u64::from(PT_INTERP))
-    });
-    Ok(if interp { "dynamically linked" } else { "static" })
+    let interp = (0..usize::from(count))
+        .any(|i| word(phoff as usize + i * usize::from(size), 4) == Some(u64::from(PT_INTERP)));
+    Ok(if interp {
+        "dynamically linked"
+    } else {
+        "static"
+    })
 }
 
 /// The markers around the generated part of BENCHMARKS.md.

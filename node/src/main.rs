@@ -54,7 +54,8 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter (overridden by RUST_LOG), e.g. info, debug, ham=trace.
+    /// Log filter (overridden by RUST_LOG), e.g. info, debug, hamd=debug. Release
+    /// builds carry no trace-level messages.
     #[arg(long, default_value = "info")]
     log: String,
     /// Delete the state store first and start fresh from the config.
