@@ -50,7 +50,7 @@ step "scripts/build-static" scripts/build-static
 hamd_bin=$out/$triple/release/hamd
 read -r hot_start hot_size < <(readelf -SW "$hamd_bin" | sed -E 's/^ *\[ *[0-9]+\] *//' |
   awk '$1 == ".text.hot" { print $3, $5 }')
-close_at=$(nm --defined-only "$hamd_bin" | awk '$3 == "__close" { print $1; exit }')
+close_at=$(nm --defined-only "$hamd_bin" | awk '$3 == "__close" && !found { print $1; found = 1 }')
 if [ -z "${hot_start:-}" ] || [ -z "$close_at" ] ||
   (( 16#$close_at < 16#$hot_start || 16#$close_at >= 16#$hot_start + 16#$hot_size )); then
   fail "the static hamd does not lay out close(2) in .text.hot (node/build.rs, node/hot-code.order)"
