@@ -156,6 +156,14 @@ fn build_siblings(dir: &std::path::Path) -> anyhow::Result<Option<PathBuf>> {
     })?))
 }
 
+/// `path` relative to the workspace, when it lies in it (as the report shows it).
+fn workspace_relative(path: &std::path::Path) -> PathBuf {
+    std::fs::canonicalize(ROOT)
+        .ok()
+        .and_then(|root| path.strip_prefix(root).ok().map(PathBuf::from))
+        .unwrap_or_else(|| path.to_path_buf())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = match args.bin_dir.clone() {
@@ -275,7 +283,7 @@ fn main() -> anyhow::Result<()> {
         std::env::args().collect::<Vec<_>>().join(" "),
         started.elapsed().as_secs_f64(),
         report::machine(),
-        ctx.bins.get("hamd").display(),
+        workspace_relative(&ctx.bins.get("hamd")).display(),
         report::linkage(&ctx.bins.get("hamd"))?,
         if skipped.is_empty() {
             String::new()

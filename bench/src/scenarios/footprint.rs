@@ -8,6 +8,9 @@
 //! again: a supervisor that has done its job once shows the code its work runs (ham
 //! gives back the pages it mapped only to start, one second after start).
 //!
+//! With one child, the start is also timed over repeated starts of each supervisor,
+//! interleaved (a start of a few milliseconds is at the mercy of the scheduler).
+//!
 //! All supervisors of one size run at once, so the idle window is the same for all.
 //! For runit and s6 "the supervisor" is the sum over every `runsv` / `s6-supervise`
 //! plus `runsvdir` / `s6-svscan`; for ham the HAM plus its Guardian. VmRSS counts
@@ -15,6 +18,7 @@
 
 use super::Ctx;
 use crate::report::{Row, Unit, Value, Versus};
+use crate::stats::Samples;
 use crate::sut::{self, Kind, Supervisor, Workload};
 use crate::sys::{FifoReader, Mem, Scratch, cpu_ticks, mono_ns, ticks_per_second};
 use anyhow::Context;
@@ -31,8 +35,13 @@ struct Measured {
     after_restart: Mem,
     processes: usize,
     cpu_percent: f64,
-    startup_ns: f64,
+    /// Start → the last child exec'd: one start, or repeated ones (median, p99).
+    startup: Value,
 }
+
+/// How many times each supervisor is started once more with one child, to time the
+/// start.
+const START_ROUNDS: (usize, usize) = (20, 2);
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
@@ -57,25 +66,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
         let mut running: Vec<(Box<dyn Supervisor>, f64, FifoReader)> = Vec::new();
         for &kind in &kinds {
             eprintln!("   {} with {n} idle processes", kind.name());
-            let fifo = dir.fifo(&format!("{kind:?}-{n}.fifo"))?;
-            // Open before any child starts, so no child blocks opening it.
-            let stamps = ExecStamps::collect(FifoReader::open(&fifo)?, n);
-            let w = Workload {
-                count: n,
-                argv: vec![ctx.bins.get("ham-bench-child").display().to_string()],
-                env: vec![
-                    ("HAM_BENCH_FIFO".into(), fifo.display().to_string()),
-                    ("HAM_BENCH_THEN_EXEC".into(), "sleep 1000000".into()),
-                ],
-                readiness: false,
-            };
-            let t0 = mono_ns();
-            let sup = sut::start(kind, &ctx.bins, &w)?;
-            let (fifo, last_exec) = stamps
-                .finish()
-                .with_context(|| format!("{}: starting {n} children", kind.name()))?;
-            sut::wait_supervised(sup.as_ref(), n, "sleep", Duration::from_secs(600))?;
-            running.push((sup, last_exec.saturating_sub(t0) as f64, fifo));
+            let (sup, startup_ns, fifo) = start_timed(ctx, &dir, kind, n, "")?;
+            running.push((sup, startup_ns as f64, fifo));
         }
         std::thread::sleep(Duration::from_secs(1));
         let own: Vec<Vec<i32>> = running
@@ -103,7 +95,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
                 after_restart: Mem::sum(&sup.own_pids()?),
                 processes: own[i].len(),
                 cpu_percent: used / idle.as_secs_f64() * 100.0,
-                startup_ns: *startup_ns,
+                startup: Value::one(*startup_ns),
             });
         }
         // The FIFOs stay open until the supervisors stop: a replacement child opening
@@ -112,9 +104,69 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Vec<Row>> {
             let name = sup.kind().name();
             sup.stop().with_context(|| format!("stopping {name}"))?;
         }
+        if n == 1 {
+            let rounds = ctx.pick(START_ROUNDS.0, START_ROUNDS.1);
+            eprintln!("   each started {rounds} more times with 1 child, interleaved");
+            let starts = start_rounds(ctx, &dir, &kinds, rounds)?;
+            for (m, s) in measured.iter_mut().zip(&starts) {
+                m.startup = Value::of(s);
+            }
+        }
         rows.extend(rows_for(n, idle, &measured));
     }
     Ok(rows)
+}
+
+/// Starts `kind` with `n` children (`ham-bench-child`, which then execs `sleep`) and
+/// waits until all run; returns it, the time from its start to the last child's exec,
+/// and the children's FIFO, which must stay open until it stops (a replacement child
+/// opening it with no reader would block before it execs `sleep`).
+fn start_timed(
+    ctx: &Ctx,
+    dir: &Scratch,
+    kind: Kind,
+    n: usize,
+    round: &str,
+) -> anyhow::Result<(Box<dyn Supervisor>, u64, FifoReader)> {
+    let fifo = dir.fifo(&format!("{kind:?}-{n}{round}.fifo"))?;
+    // Open before any child starts, so no child blocks opening it.
+    let stamps = ExecStamps::collect(FifoReader::open(&fifo)?, n);
+    let w = Workload {
+        count: n,
+        argv: vec![ctx.bins.get("ham-bench-child").display().to_string()],
+        env: vec![
+            ("HAM_BENCH_FIFO".into(), fifo.display().to_string()),
+            ("HAM_BENCH_THEN_EXEC".into(), "sleep 1000000".into()),
+        ],
+        readiness: false,
+    };
+    let t0 = mono_ns();
+    let sup = sut::start(kind, &ctx.bins, &w)?;
+    let (fifo, last_exec) = stamps
+        .finish()
+        .with_context(|| format!("{}: starting {n} children", kind.name()))?;
+    sut::wait_supervised(sup.as_ref(), n, "sleep", Duration::from_secs(600))?;
+    Ok((sup, last_exec.saturating_sub(t0), fifo))
+}
+
+/// Starts and stops each of `kinds` with one child `rounds` times, interleaved (A B A
+/// B …); the start → exec times, in `kinds`' order.
+fn start_rounds(
+    ctx: &Ctx,
+    dir: &Scratch,
+    kinds: &[Kind],
+    rounds: usize,
+) -> anyhow::Result<Vec<Samples>> {
+    let mut samples: Vec<Samples> = kinds.iter().map(|_| Samples::default()).collect();
+    for round in 0..rounds {
+        for (&kind, s) in kinds.iter().zip(samples.iter_mut()) {
+            let (mut sup, ns, _fifo) = start_timed(ctx, dir, kind, 1, &format!("-{round}"))?;
+            s.push(ns);
+            sup.stop()
+                .with_context(|| format!("stopping {}", kind.name()))?;
+        }
+    }
+    Ok(samples)
 }
 
 /// Kills one of `sup`'s `n` children and waits until it is replaced.
@@ -181,13 +233,13 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut add = |figure: String,
                    unit: Unit,
-                   f: &dyn Fn(&Measured) -> f64,
+                   f: &dyn Fn(&Measured) -> Value,
                    note: &dyn Fn(&Measured) -> String| {
         if peers.is_empty() {
             rows.push(Row {
                 figure: figure.clone(),
                 unit,
-                ham: Value::one(f(ham)),
+                ham: f(ham),
                 versus: Versus::Nothing("no peer at this size".into()),
                 note: note(ham),
             });
@@ -196,8 +248,8 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
             rows.push(Row {
                 figure: figure.clone(),
                 unit,
-                ham: Value::one(f(ham)),
-                versus: Versus::Peer(p.kind.name().into(), Value::one(f(p))),
+                ham: f(ham),
+                versus: Versus::Peer(p.kind.name().into(), f(p)),
                 note: note(p),
             });
         }
@@ -205,7 +257,7 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
     add(
         format!("footprint, {n} idle children: RSS of the supervisor"),
         Unit::KiB,
-        &|x| x.mem.rss as f64,
+        &|x| Value::one(x.mem.rss as f64),
         &|x| {
             if x.kind == Kind::Ham {
                 format!("{ham_note}; goal ≤ 15 MB idle")
@@ -223,7 +275,7 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
     add(
         format!("footprint, {n} children: RSS of the supervisor after one restart"),
         Unit::KiB,
-        &|x| x.after_restart.rss as f64,
+        &|x| Value::one(x.after_restart.rss as f64),
         &|x| {
             format!(
                 "one child killed and replaced, then 0.5 s; PSS {}, private {}",
@@ -235,7 +287,7 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
     add(
         format!("footprint, {n} idle children: private memory of the supervisor"),
         Unit::KiB,
-        &|x| (x.mem.anon + x.mem.shmem) as f64,
+        &|x| Value::one((x.mem.anon + x.mem.shmem) as f64),
         &|x| {
             format!(
                 "Anonymous summed over {} process(es), plus shared memory once (ham's store \
@@ -253,17 +305,23 @@ fn rows_for(n: usize, idle: Duration, m: &[Measured]) -> Vec<Row> {
             idle.as_secs()
         ),
         Unit::Percent,
-        &|x| x.cpu_percent,
+        &|x| Value::one(x.cpu_percent),
         &|_| "utime+stime of the supervisor's processes / wall time; goal 0".into(),
     );
     add(
         format!("footprint, {n} idle children: start → all running"),
         Unit::Ns,
-        &|x| x.startup_ns,
+        &|x| x.startup,
         &|_| {
-            "supervisor started with its config → the last child exec'd (each child stamps \
-             CLOCK_MONOTONIC at its first instruction into a FIFO, then execs `sleep`)"
-                .into()
+            let rounds = if n == 1 {
+                "; median and p99 of starts interleaved with the other supervisors'"
+            } else {
+                "; one start"
+            };
+            format!(
+                "supervisor started with its config → the last child exec'd (each child stamps \
+                 CLOCK_MONOTONIC at its first instruction into a FIFO, then execs `sleep`){rounds}"
+            )
         },
     );
     rows
