@@ -171,7 +171,17 @@ pub fn machine() -> String {
 /// `PT_INTERP` header: nothing loaded at start), else "dynamically linked".
 pub fn linkage(exe: &std::path::Path) -> anyhow::Result<&'static str> {
     const PT_INTERP: u32 = 3;
-    let elf = std::fs::read(exe).with_context(|| format!("cannot read {}", exe.display()))?;
+    /// The headers sit at the start; the executable is tens of megabytes.
+    const HEADERS: u64 = 64 * 1024;
+    let mut elf = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(exe).with_context(|| format!("cannot open {}", exe.display()))?,
+            HEADERS,
+        ),
+        &mut elf,
+    )
+    .with_context(|| format!("cannot read {}", exe.display()))?;
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let word = |o: usize, n: usize| {
         elf.get(o..o + n)
@@ -185,6 +195,11 @@ pub fn linkage(exe: &std::path::Path) -> anyhow::Result<&'static str> {
     let (Some(phoff), Some(size), Some(count)) = (word(0x20, 8), u16_at(0x36), u16_at(0x38)) else {
         anyhow::bail!("{}: truncated ELF header", exe.display());
     };
+    anyhow::ensure!(
+        phoff as usize + usize::from(count) * usize::from(size) <= elf.len(),
+        "{}: program headers beyond the first {HEADERS} bytes",
+        exe.display()
+    );
     let interp = (0..usize::from(count))
         .any(|i| word(phoff as usize + i * usize::from(size), 4) == Some(u64::from(PT_INTERP)));
     Ok(if interp {
