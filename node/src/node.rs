@@ -235,6 +235,9 @@ pub struct Node {
     pair_rx: mpsc::UnboundedReceiver<PairEvent>,
     /// Pidfds the previous HAM handed over, by entity slot (a takeover only).
     handed: HashMap<u32, HandedProcess>,
+    /// Processes this HAM has just started, with their pidfds, until the engine
+    /// watches them: nothing is read from `/proc` on a restart's path.
+    spawned: HashMap<EntityId, ProcessHandle>,
     /// When this process's takeover finished (monotonic ns) and how long it took (µs).
     takeover: Option<(u64, u64)>,
     /// The mesh, if this node runs one.
@@ -355,6 +358,7 @@ impl Node {
                 pair_tx,
                 pair_rx,
                 handed,
+                spawned: HashMap::new(),
                 takeover: None,
                 mesh: None,
                 singleton_hints: None,
@@ -767,8 +771,20 @@ impl Node {
         for e in step.events {
             self.publish(e);
         }
+        // A restart is one spawn: the new process then gets the CPU before the HAM's
+        // bookkeeping (see `process::give_way`). A step that starts many processes
+        // does not wait on each of them.
+        let spawns = step
+            .commands
+            .iter()
+            .filter(|c| matches!(c, Command::Spawn { .. }))
+            .count();
         for c in step.commands {
+            let spawn = matches!(c, Command::Spawn { .. });
             self.execute(c);
+            if spawn && spawns == 1 {
+                process::give_way();
+            }
         }
     }
 
@@ -837,10 +853,17 @@ impl Node {
                     ("HAM_BEAT_TOKEN".into(), token.0.to_string()),
                     ("HAM_SPAWN_NONCE".into(), nonce.to_string()),
                 ];
-                let result = process::spawn(&command, &env).map_err(|e| {
-                    tracing::warn!(entity = %name, "cannot start {command}: {e}");
-                    e.to_string()
-                });
+                let result = match process::spawn(&command, &env) {
+                    Ok(handle) => {
+                        let proc = handle.proc;
+                        self.spawned.insert(entity, handle);
+                        Ok(proc)
+                    }
+                    Err(e) => {
+                        tracing::warn!(entity = %name, "cannot start {command}: {e}");
+                        Err(e.to_string())
+                    }
+                };
                 self.immediate.push_back(Input::Spawned {
                     entity,
                     nonce,
@@ -868,7 +891,8 @@ impl Node {
                     }
                     self.watcher.forget_prepared(&handle);
                 }
-                match ProcessHandle::open(proc) {
+                let just_spawned = self.spawned.remove(&entity).filter(|h| h.proc == proc);
+                match just_spawned.map_or_else(|| ProcessHandle::open(proc), Ok) {
                     Ok(h) => {
                         let h = Arc::new(h);
                         if let Err(e) = self.watcher.add(entity, h.clone()) {
@@ -885,7 +909,10 @@ impl Node {
                     }),
                 }
             }
-            Command::Unwatch { entity } => self.unwatch(entity),
+            Command::Unwatch { entity } => {
+                self.spawned.remove(&entity);
+                self.unwatch(entity);
+            }
             Command::Signal {
                 target,
                 signal,
