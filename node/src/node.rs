@@ -238,6 +238,9 @@ pub struct Node {
     /// Processes this HAM has just started, with their pidfds, until the engine
     /// watches them: nothing is read from `/proc` on a restart's path.
     spawned: HashMap<EntityId, ProcessHandle>,
+    /// Set while the HAM handles the only death it saw this time round: a restart
+    /// it starts then yields the CPU to the new process (see `apply`).
+    lone_death: bool,
     /// When this process's takeover finished (monotonic ns) and how long it took (µs).
     takeover: Option<(u64, u64)>,
     /// The mesh, if this node runs one.
@@ -359,6 +362,7 @@ impl Node {
                 pair_rx,
                 handed,
                 spawned: HashMap::new(),
+                lone_death: false,
                 takeover: None,
                 mesh: None,
                 singleton_hints: None,
@@ -549,12 +553,14 @@ impl Node {
                 Some(input) = self.inputs_rx.recv() => self.handle_input(input),
                 Some(ev) = self.pair_rx.recv() => self.on_pair_event(ev),
                 exits = self.watcher.exits() => {
+                    self.lone_death = exits.len() == 1;
                     for (entity, proc, status) in exits {
                         if let Some(pair) = &mut self.pair {
                             pair.hand_back(entity.0, now().mono_ms);
                         }
                         self.handle_input(Input::Exited { entity, proc, status });
                     }
+                    self.lone_death = false;
                 }
                 _ = timer.expired() => {
                     let at = now();
@@ -771,18 +777,20 @@ impl Node {
         for e in step.events {
             self.publish(e);
         }
-        // A restart is one spawn: the new process then gets the CPU before the HAM's
-        // bookkeeping (see `process::give_way`). A step that starts many processes
-        // does not wait on each of them.
-        let spawns = step
-            .commands
-            .iter()
-            .filter(|c| matches!(c, Command::Spawn { .. }))
-            .count();
+        // The restart of a lone death is one spawn: the new process then gets the
+        // CPU before the HAM's bookkeeping (see `process::give_way`). Many deaths at
+        // once, or a step that starts many processes, do not wait on each one.
+        let give_way = self.lone_death
+            && step
+                .commands
+                .iter()
+                .filter(|c| matches!(c, Command::Spawn { .. }))
+                .count()
+                == 1;
         for c in step.commands {
             let spawn = matches!(c, Command::Spawn { .. });
             self.execute(c);
-            if spawn && spawns == 1 {
+            if spawn && give_way {
                 process::give_way();
             }
         }
