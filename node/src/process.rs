@@ -377,6 +377,18 @@ mod tests {
     }
 
     #[test]
+    fn the_clock_tells_a_tick_only_well_inside_it() {
+        let tick = 1_000_000_000 / rustix::param::clock_ticks_per_second();
+        let (start, mid) = (7 * tick, 7 * tick + tick / 2);
+        assert_eq!(start_tick_between(mid, mid + 100_000), Some(7));
+        // Near either edge of the tick, or across one: not told.
+        assert_eq!(start_tick_between(start + 10_000, start + 20_000), None);
+        assert_eq!(start_tick_between(mid, start + tick - 10_000), None);
+        assert_eq!(start_tick_between(mid, start + tick + 10_000), None);
+        assert_eq!(start_tick_between(0, 10), None);
+    }
+
+    #[test]
     fn start_times_told_by_the_clock_are_those_proc_shows() {
         let mut told = 0;
         for _ in 0..200 {
